@@ -1,0 +1,125 @@
+"""Command line: `cacheproxy serve | check-config | version`. Wiring only; the work lives elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from . import __version__
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cacheproxy", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"cacheproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", "-c", default=os.environ.get("CACHEPROXY_CONFIG"),
+                       help="config file (default: $CACHEPROXY_CONFIG, else built-in defaults)")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="processes sharing the listening port (SO_REUSEPORT)")
+    serve.add_argument("--no-uvloop", action="store_true", help="use the default asyncio event loop")
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("file", nargs="?", default=os.environ.get("CACHEPROXY_CONFIG"))
+    sub.add_parser("version", help="print the version")
+    return parser
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": round(record.created, 3), "level": record.levelname.lower(),
+                 "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _load(path: str | None):
+    from .config import ConfigError, config_from_dict, load_config
+    try:
+        return load_config(path) if path else config_from_dict({}, "<defaults>")
+    except ConfigError as exc:
+        print(f"cacheproxy: invalid configuration:\n{exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_config(path: str | None) -> int:
+    if not path:
+        print("cacheproxy check-config: give a config file (or set CACHEPROXY_CONFIG)", file=sys.stderr)
+        return 2
+    cfg = _load(path)
+    print(f"{path}: OK ({len(cfg.routes)} routes, {len(cfg.backends)} backends, "
+          f"upstream {cfg.upstream.redacted_url})")
+    return 0
+
+
+def serve(args) -> int:
+    cfg = _load(args.config)
+    setup_logging(cfg.log.level, cfg.log.format)
+    if args.workers > 1:
+        return _supervise(args)
+    if not args.no_uvloop:
+        try:
+            import uvloop
+            uvloop.install()
+        except ImportError:
+            logging.getLogger("cacheproxy").info("uvloop not installed; using asyncio's event loop")
+    from .server import ProxyServer
+    try:
+        asyncio.run(ProxyServer(cfg).run())
+    except OSError as exc:   # e.g. the port is taken: say so plainly
+        logging.getLogger("cacheproxy").error("cannot serve: %s", exc)
+        return 1
+    return 0
+
+
+def _supervise(args) -> int:
+    """Run N single-process workers that share the port through SO_REUSEPORT; forward signals."""
+    env = dict(os.environ, CACHEPROXY_LISTEN__REUSE_PORT="true")
+    cmd = [sys.executable, "-m", "proxy", "serve", "--workers", "1"]
+    if args.config:
+        cmd += ["--config", args.config]
+    if args.no_uvloop:
+        cmd.append("--no-uvloop")
+    children = [subprocess.Popen(cmd, env=env) for _ in range(args.workers)]
+
+    def forward(signum, _frame):
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    while any(child.poll() is None for child in children):
+        time.sleep(0.2)
+    return max((child.returncode for child in children), key=abs, default=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "version":
+        print(f"cacheproxy {__version__}")
+        return 0
+    if args.command == "check-config":
+        return check_config(args.file)
+    return serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
