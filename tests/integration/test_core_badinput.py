@@ -1,0 +1,225 @@
+"""Core (issue 2): misbehaving clients. Malformed frames, limits, clients that vanish mid-pipeline
+or in the middle of a stateful command, clients that never read their replies. The offender gets
+a clear error (or is dropped); everybody else keeps being served, and the proxy logs no traceback.
+"""
+
+import socket
+import time
+
+import pytest
+
+from tests.fixtures.proxy import encode_command
+
+MALFORMED = {
+    "bad-bulk-len": b"*1\r\n$x\r\n",
+    "bad-multibulk-len": b"*abc\r\n",
+    "negative-bulk-len": b"*1\r\n$-1\r\n",
+    "int-inside-command": b"*1\r\n:5\r\n",
+    "nested-array": b"*2\r\n*1\r\n$1\r\na\r\n$1\r\nb\r\n",
+    "multibulk-over-int-max": b"*3000000000\r\n",
+    "bulk-over-512mb": b"*2\r\n$3\r\nSET\r\n$536870913\r\n",
+    "unbalanced-quotes": b'SET "a b\r\n',
+}
+
+
+def assert_no_traceback(endpoint):
+    text = endpoint.stderr_text()
+    assert "Traceback" not in text, text[-4000:]
+
+
+def assert_serving(endpoint, tag: str = "x"):
+    with endpoint.raw() as c:
+        assert c.cmd("SET", f"alive:{tag}", tag).value == "OK"
+        assert c.cmd("GET", f"alive:{tag}").value == tag.encode()
+        assert c.cmd("PING").value == "PONG"
+
+
+@pytest.mark.parametrize("payload", list(MALFORMED.values()), ids=list(MALFORMED))
+def test_malformed_frame_closes_only_that_client(proxy, payload):
+    with proxy.raw() as other, proxy.raw() as bad:
+        assert other.cmd("SET", "mf:k", "v").value == "OK"
+        # half-finished pipeline on the other client, completed after the bad one is dropped
+        other.send(b"*2\r\n$3\r\nGET\r\n$4\r\nmf:k")
+        bad.send(encode_command("PING"))
+        assert bad.read_raw() == b"+PONG\r\n"
+        bad.send(payload)
+        line = bad.read_line(timeout=3)
+        assert line.startswith(b"-ERR Protocol error"), line
+        assert bad.wait_closed(3), "the proxy kept the connection open after a protocol error"
+        other.send(b"\r\n")
+        assert other.read_raw() == b"$1\r\nv\r\n"
+        assert other.cmd("PING").value == "PONG"
+    for i in range(3):  # the shared upstream connections were not poisoned
+        assert_serving(proxy, f"after{i}")
+    assert_no_traceback(proxy)
+
+
+def test_inline_over_default_limit(proxy):
+    with proxy.raw() as bad:
+        bad.send(b"a" * (70 * 1024))
+        line = bad.read_line(timeout=5)
+        assert line.startswith(b"-ERR Protocol error"), line
+        assert bad.wait_closed(3)
+    assert_serving(proxy)
+
+
+@pytest.mark.proxy_only
+def test_bulk_over_configured_limit(redis_server, make_proxy):
+    proxy = make_proxy(redis_server, limits={"max_bulk_len": 1024})
+    with proxy.raw() as ok:
+        assert ok.cmd("SET", "lim:k", "x" * 1024).value == "OK"
+        assert ok.cmd("STRLEN", "lim:k").value == 1024
+    with proxy.raw() as other, proxy.raw() as bad:
+        assert other.cmd("PING").value == "PONG"
+        t0 = time.monotonic()
+        bad.send(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$2000\r\n")  # header only, no body
+        line = bad.read_line(timeout=3)
+        assert line.startswith(b"-ERR Protocol error: invalid bulk length"), line
+        assert time.monotonic() - t0 < 2
+        assert bad.wait_closed(3)
+        assert other.cmd("GET", "lim:k").value == b"x" * 1024
+    assert redis_server.client().get("k") is None
+    assert_no_traceback(proxy)
+
+
+@pytest.mark.proxy_only
+def test_multibulk_over_configured_limit(redis_server, make_proxy):
+    proxy = make_proxy(redis_server, limits={"max_multibulk_len": 16})
+    with proxy.raw() as ok:
+        assert ok.cmd("DEL", *[f"k{i}" for i in range(15)]).value == 0  # 16 elements: allowed
+    with proxy.raw() as bad:
+        bad.send(b"*17\r\n")
+        line = bad.read_line(timeout=3)
+        assert line.startswith(b"-ERR Protocol error: invalid multibulk length"), line
+        assert bad.wait_closed(3)
+    assert_serving(proxy)
+
+
+@pytest.mark.proxy_only
+def test_inline_over_configured_limit(redis_server, make_proxy):
+    proxy = make_proxy(redis_server, limits={"max_inline_len": 1024})
+    with proxy.raw() as ok:
+        ok.send(b"ECHO " + b"y" * 500 + b"\r\n")
+        assert ok.read_frame().value == b"y" * 500
+    with proxy.raw() as bad:
+        bad.send(b"z" * 2048)
+        line = bad.read_line(timeout=3)
+        assert line.startswith(b"-ERR Protocol error"), line
+        assert bad.wait_closed(3)
+    assert_serving(proxy)
+
+
+@pytest.mark.timeout(60)
+def test_client_disconnects_mid_pipeline(proxy):
+    big = b"v" * 10_000
+    proxy.redis.client().set("mp:big", big)
+    with proxy.raw() as other:
+        for round_ in range(10):
+            s = socket.create_connection((proxy.host, proxy.port))
+            cmds = []
+            for i in range(1000):
+                cmds.append(encode_command("GET", "mp:big") if i % 2 else encode_command("INCR", "mp:ctr"))
+            s.sendall(b"".join(cmds))
+            if round_ % 2:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
+            s.close()
+            assert other.cmd("ECHO", f"r{round_}").value == f"r{round_}".encode()
+        # a frame cut in half, then gone
+        s = socket.create_connection((proxy.host, proxy.port))
+        s.sendall(b"*3\r\n$3\r\nSET\r\n$5\r\nmp:hf\r\n$10\r\nabc")
+        s.close()
+        time.sleep(0.3)
+        assert other.cmd("GET", "mp:hf").value is None
+        assert other.cmd("GET", "mp:big").value == big
+    assert_serving(proxy)
+    assert proxy.alive
+    assert_no_traceback(proxy)
+
+
+STATES = {
+    "blpop": [("BLPOP", "st:q", 0)],
+    "multi": [("MULTI",), ("SET", "st:k", "from-multi")],
+    "watch": [("WATCH", "st:k")],
+    "select": [("SELECT", 1)],
+    "subscribe": [("SUBSCRIBE", "st:chan")],
+    "psubscribe": [("PSUBSCRIBE", "st:*")],
+    "tracking": [("HELLO", 3), ("CLIENT", "TRACKING", "ON")],
+    "setname": [("CLIENT", "SETNAME", "leaver")],
+    "monitor": [("MONITOR",)],
+}
+
+
+@pytest.mark.parametrize("state", list(STATES.values()), ids=list(STATES))
+@pytest.mark.timeout(30)
+def test_client_leaves_in_stateful_command(proxy, state):
+    """A pinned connection left behind must not leak its state into anyone else's commands."""
+    leaver = proxy.raw()
+    blocking = state[0][0] == "BLPOP"
+    for command in state:
+        leaver.send_command(*command)
+        if not blocking:
+            leaver.read_frame()
+    time.sleep(0.2)
+    leaver.close()
+    time.sleep(0.3)
+    # a fresh batch of clients (more than the pool size) sees plain db-0, non-transactional Redis
+    for i in range(8):
+        with proxy.raw() as c:
+            assert c.cmd("SET", "st:k", f"v{i}").value == "OK", "command got queued/blocked/rejected"
+            assert c.cmd("GET", "st:k").value == f"v{i}".encode()
+            assert c.cmd("CLIENT", "GETNAME").value is None
+    assert proxy.redis.client(db=0).get("st:k") == b"v7"
+    assert proxy.redis.client(db=1).get("st:k") is None
+    # nobody is still blocked on the leaver's behalf, eating pushed items
+    r = proxy.redis.client()
+    r.lpush("st:q", "item")
+    time.sleep(0.3)
+    assert r.llen("st:q") == 1, "a zombie BLPOP consumed the item"
+    assert proxy.client(protocol=2).publish("st:chan", "x") == 0, "a zombie subscription is still active"
+    assert_no_traceback(proxy)
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.proxy_only
+@pytest.mark.timeout(60)
+def test_client_that_never_reads_is_throttled(redis_server, make_proxy):
+    """Pipelining GETs of a 100 KB value without reading: the proxy's memory stays bounded."""
+    proxy = make_proxy(redis_server, limits={"client_output_soft": 1 << 20, "client_output_hard": 256 << 20})
+    redis_server.client().set("thr:big", b"x" * 100_000)
+    base_kb = _rss_kb(proxy.pid)
+    hog = socket.create_connection((proxy.host, proxy.port))
+    hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    hog.setblocking(False)
+    chunk = encode_command("GET", "thr:big") * 1000  # 100 MB of replies per chunk
+    sent = 0
+    peak_kb = base_kb
+    deadline = time.monotonic() + 4
+    with proxy.raw() as other:
+        while time.monotonic() < deadline:
+            try:
+                sent += hog.send(chunk)
+            except BlockingIOError:
+                time.sleep(0.01)
+            except OSError:
+                break  # dropped at the hard limit: also acceptable
+            peak_kb = max(peak_kb, _rss_kb(proxy.pid))
+        t0 = time.monotonic()
+        assert other.cmd("PING").value == "PONG"
+        assert other.cmd("GET", "thr:big", timeout=5).value == b"x" * 100_000
+        assert time.monotonic() - t0 < 2
+        peak_kb = max(peak_kb, _rss_kb(proxy.pid))
+    hog.close()
+    requested_mb = sent / len(encode_command("GET", "thr:big")) * 0.1
+    grown_mb = (peak_kb - base_kb) / 1024
+    print(f"hog asked for {requested_mb:.0f} MB of replies; proxy RSS grew {grown_mb:.0f} MB")
+    assert grown_mb < 150, f"proxy RSS grew {grown_mb:.0f} MB for a client that never reads"
+    assert proxy.alive
+    assert_serving(proxy)
+    assert_no_traceback(proxy)
