@@ -424,3 +424,21 @@ def test_replication_commands_refused(sproxy, command):
         assert reply.is_error and "not supported by cacheproxy" in reply.value, reply
     with sproxy.raw() as c:
         assert c.cmd("PING").value == "PONG"
+
+
+@proxy_only
+@pytest.mark.timeout(40)
+def test_workers_share_the_port(redis_server, tmp_path):
+    """`serve --workers 2`: several processes on one port (SO_REUSEPORT), all serving; SIGTERM exits 0."""
+    p = ProxyProcess(redis_server, tmp_path / "workers")
+    try:
+        p.start(argv=p.command() + ["--workers", "2"])
+        clients = [p.client(protocol=2) for _ in range(20)]
+        for i, c in enumerate(clients):
+            assert c.set(f"wk:{i}", i) is True
+        for i, c in enumerate(clients):
+            assert c.get(f"wk:{i}") == str(i).encode()
+            c.close()
+    finally:
+        rc = p.stop()
+    assert rc == 0, p.stderr_text()[-3000:]
