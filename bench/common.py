@@ -146,8 +146,8 @@ def mib(kb: float | None) -> str:
     return "—" if kb is None else f"{kb / 1024:.1f} MiB"
 
 
-def tcp_peers(pid: int, remote_port: int) -> int:
-    """How many TCP sockets of process ``pid`` are connected to ``remote_port`` (from /proc)."""
+def tcp_peers(pid: int, remote_port: int) -> list[int]:
+    """Local ports of the established TCP connections process ``pid`` has to ``remote_port`` (/proc)."""
     inodes = set()
     fd_dir = f"/proc/{pid}/fd"
     for fd in os.listdir(fd_dir):
@@ -155,16 +155,16 @@ def tcp_peers(pid: int, remote_port: int) -> int:
             target = os.readlink(f"{fd_dir}/{fd}")
             if target.startswith("socket:["):
                 inodes.add(target[8:-1])
-    count = 0
+    ports = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError), open(table) as f:
             next(f)
             for line in f:
                 cols = line.split()
-                # cols: sl local rem st ... inode(9); state 01 = ESTABLISHED
+                # cols: sl local_address rem_address st ... inode(9); st 01 = ESTABLISHED
                 if cols[3] == "01" and int(cols[2].rsplit(":", 1)[1], 16) == remote_port and cols[9] in inodes:
-                    count += 1
-    return count
+                    ports.append(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 def uses_uvloop(pid: int) -> bool:

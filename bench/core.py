@@ -276,9 +276,11 @@ def open_idle_clients(port: int, n: int) -> tuple[list[socket.socket], int, str 
     return socks, pongs, error
 
 
-def redis_client_count(redis_port: int) -> int:
+def redis_clients(redis_port: int) -> list[dict[str, str]]:
+    """Redis CLIENT LIST as dicts, without the redis-cli connection that asked."""
     out = run(["redis-cli", "-h", HOST, "-p", str(redis_port), "client", "list"], timeout=10).stdout
-    return len([line for line in out.splitlines() if line.strip()]) - 1  # minus redis-cli itself
+    clients = [dict(f.split("=", 1) for f in line.split() if "=" in f) for line in out.splitlines() if line.strip()]
+    return [c for c in clients if c.get("cmd") != "client|list"]
 
 
 def idle_clients_step(t: Target, redis_port: int, n: int, res: Results) -> None:
@@ -291,8 +293,12 @@ def idle_clients_step(t: Target, redis_port: int, n: int, res: Results) -> None:
         info["pongs"] = pongs
         info["opened"] = len(socks)
         info["error"] = error
-        info["upstream"] = tcp_peers(t.proc.pid, redis_port)
-        info["redis_clients"] = redis_client_count(redis_port)
+        ports = tcp_peers(t.proc.pid, redis_port)
+        clients = redis_clients(redis_port)
+        info["upstream"] = len(ports)
+        info["redis_clients"] = len(clients)
+        resp = [c.get("resp", "?") for c in clients if int(c["addr"].rsplit(":", 1)[1]) in ports]
+        info["upstream_resp"] = {v: resp.count(v) for v in sorted(set(resp))}
     finally:
         for s in socks:
             s.close()
@@ -531,8 +537,9 @@ def report(args, res: Results, info: dict) -> str:
             if not i:
                 continue
             line = (f"- {p}: {i['pongs']}/{args.idle_clients} idle clients answered +PONG; "
-                    f"while connected it held **{i['upstream']}** TCP connection(s) to Redis "
-                    f"(Redis `CLIENT LIST` then showed {i['redis_clients']} clients besides redis-cli)")
+                    f"while connected it held **{i['upstream']}** TCP connection(s) to Redis ("
+                    + " + ".join(f"{k} RESP{v}" for v, k in i["upstream_resp"].items())
+                    + f"; Redis `CLIENT LIST` then showed {i['redis_clients']} clients in all, besides redis-cli)")
             if i.get("error"):
                 line += f"; first problem: {i['error']}"
             out.append(line)
