@@ -174,6 +174,49 @@ def uses_uvloop(pid: int) -> bool:
     return False
 
 
+class CpuWatch:
+    """How much CPU the rest of the machine used while a benchmark ran (to spot a busy machine).
+
+    ``others()`` = busy time of all CPUs (/proc/stat) minus our own: this process, its reaped children
+    (redis-benchmark runs) and the live processes ``pids`` (servers we started). Approximate: softirq
+    time for loopback traffic is counted for the machine but not always for a process."""
+
+    TICK = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, pids: Sequence[int] = ()) -> None:
+        self.pids = list(pids)
+        self.t0 = time.monotonic()
+        self.busy0 = self._machine_busy()
+        self.own0 = self._own() + sum(self._proc_cpu(pid) for pid in self.pids)
+
+    @classmethod
+    def _machine_busy(cls) -> float:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        # user nice system idle iowait irq softirq steal ...
+        return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / cls.TICK
+
+    @staticmethod
+    def _own() -> float:
+        import resource
+        r_self, r_children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r_self.ru_utime + r_self.ru_stime + r_children.ru_utime + r_children.ru_stime
+
+    @classmethod
+    def _proc_cpu(cls, pid: int) -> float:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / cls.TICK  # utime, stime
+
+    def others(self) -> tuple[float, float]:
+        """(CPU-seconds used by other processes since the start, wall seconds elapsed)."""
+        ours = self._own() + sum(self._proc_cpu(pid) for pid in self.pids) - self.own0
+        return max(0.0, self._machine_busy() - self.busy0 - ours), time.monotonic() - self.t0
+
+
 def median(values: Sequence[float]) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     REPO_ROOT,
     BenchError,
+    CpuWatch,
     Procs,
     exit_on_sigterm,
     first_line,
@@ -409,7 +410,9 @@ def run_all(args) -> str:
             res.mem.setdefault(t.name, {})["idle_start"] = rss_kb(t.proc.pid)
         uvloop = uses_uvloop(targets[1].proc.pid) if len(targets) > 1 and targets[1].name == "proxy" else None
 
+        watch = CpuWatch([redis_proc.pid, *(t.proc.pid for t in targets[1:])])
         measure(args, targets, redis_proc, redis_port, res)
+        others, wall = watch.others()
 
         for t in targets[1:]:
             check_alive(t, res)
@@ -428,6 +431,8 @@ def run_all(args) -> str:
             "targets": [t.name for t in targets],
             "started": started,
             "machine": machine,
+            "machine_after": machine_info()["loadavg"],
+            "others_cpu": (others, wall),
             "uvloop": uvloop,
             "configs": configs,
             "nutcracker": nutcracker and first_line([nutcracker, "--version"]).removeprefix("This is "),
@@ -466,7 +471,14 @@ def report(args, res: Results, info: dict) -> str:
     uv = {True: "yes", False: "no", None: "?"}[info["uvloop"]]
     out.append("### Machine\n")
     out.append(f"- {mi['nproc']} CPUs: {mi['cpu']}; {mi['memory']} RAM; Linux {mi['kernel']}; "
-               f"load average before the run {mi['loadavg']}")
+               f"load average before the run {mi['loadavg']}, after {info['machine_after']}")
+    others, wall = info["others_cpu"]
+    ncpu = os.cpu_count() or 1
+    busy = f"{others:.0f} CPU-seconds in {wall:.0f} s ({100 * others / (wall * ncpu):.0f}% of the machine)"
+    out.append(f"- other processes used about {busy} during the load phases")
+    if others > 0.05 * wall * ncpu:
+        res.notes.append(f"the machine was not idle: other processes used about {busy} while the benchmark "
+                         "ran; treat the figures with care and re-run on a quiet machine")
     out.append(f"- {mi['redis-server']}; {mi['redis-benchmark']}")
     if "proxy" in names:
         out.append(f"- proxy: {info['proxy_python']}, one worker, upstream pool_size {args.pool_size}, "
