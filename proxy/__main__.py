@@ -71,6 +71,8 @@ def check_config(path: str | None) -> int:
 
 
 def serve(args) -> int:
+    # Until the event loop installs its handlers, a SIGTERM means "exit cleanly", not "die".
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     cfg = _load(args.config)
     setup_logging(cfg.log.level, cfg.log.format)
     if args.workers > 1:

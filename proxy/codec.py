@@ -14,6 +14,8 @@ Rules of this module:
 
 from __future__ import annotations
 
+import re
+
 import hiredis
 
 # Redis' own limit for the header line of a multibulk/bulk and for an inline request.
@@ -25,6 +27,12 @@ _TABLE = 10000
 _BULK_SIZE = [len(b"$%d\r\n" % n) + n + 2 for n in range(_TABLE)]
 # Index 0 is None: an empty multibulk never takes the fast path (Redis sends no reply for it).
 _ARRAY_HEADER = [None] + [len(b"*%d\r\n" % n) for n in range(1, _TABLE)]
+
+
+# hiredis allocates a Python list as soon as it reads an aggregate header, so "*3000000000" would
+# make it try to allocate gigabytes. Chunks with an aggregate count of 5+ digits take the slow path,
+# which builds argument lists as the bulks arrive and applies the limits first.
+_LARGE_AGGREGATE = re.compile(rb"[*%~>|][0-9]{5}")
 
 
 class ProtocolError(Exception):
@@ -57,7 +65,7 @@ class RequestParser:
         self.error: str | None = None
 
     def feed(self, data: bytes) -> tuple[list[list[bytes]], bytes | None]:
-        if not self._buf and data[:1] == b"*":
+        if not self._buf and data[:1] == b"*" and _LARGE_AGGREGATE.search(data) is None:
             fast = self._fast(data)
             if fast is not None:
                 return fast, data
@@ -283,9 +291,10 @@ def encode_command(args) -> bytes:
 # -- replies ---------------------------------------------------------------------------------------
 
 _LENGTH_PREFIXED = frozenset(b"$=!")   # bulk string, verbatim string, bulk error
-_AGGREGATE = frozenset(b"*~>")         # array, set, push: N elements follow
+_AGGREGATE = frozenset(b"*~")          # array, set: N elements follow
 _MAP = 0x25                            # '%': 2N elements follow
 _ATTRIBUTE = 0x7C                      # '|': 2N elements follow, then the reply they annotate
+_PUSH = 0x3E                           # '>': N elements, out of band: rides along with the next reply
 
 
 def scan_replies(buf, pos: int, left: int) -> tuple[int, int]:
@@ -323,6 +332,9 @@ def scan_replies(buf, pos: int, left: int) -> tuple[int, int]:
             pos = end + 2
         elif kind == _ATTRIBUTE:
             left += 2 * int(buf[pos + 1:end])
+            pos = end + 2
+        elif kind == _PUSH:
+            left += int(buf[pos + 1:end])
             pos = end + 2
         else:  # + - : _ , # ( : one line
             pos = end + 2

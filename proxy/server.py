@@ -21,12 +21,12 @@ import asyncio
 import itertools
 import logging
 import signal
-import socket
 from collections import deque
 
 from . import commands
 from .codec import OK, RequestParser, encode_command, encode_reply, error
-from .commands import DENY, LOCAL, PASS, PIN, RELAY, TABLE, kind_of
+from .commands import DENY, LOCAL, PASS, PIN, RELAY, ROUTED, TABLE, kind_of
+from .metrics import Metrics
 from .upstream import UpstreamPool, UpstreamUnavailable
 
 log = logging.getLogger("cacheproxy.server")
@@ -99,10 +99,9 @@ class ClientSession(asyncio.Protocol):
             return
         server.sessions.add(self)
         server.stats["connections"] += 1
+        # No get_extra_info("socket") here: uvloop hands out a dup()ed fd that would keep the
+        # connection open after close(). Both loops already set TCP_NODELAY on TCP transports.
         transport.set_write_buffer_limits(high=self.server.cfg.limits.client_output_soft)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def connection_lost(self, exc) -> None:
         self.transport = None
@@ -167,9 +166,11 @@ class ClientSession(asyncio.Protocol):
                 if kind is None:
                     kind = table.get(args[0].upper(), PASS)
                 if kind:
+                    if kind == ROUTED and not self.server.readthrough.owns(args[0].upper(), args):
+                        continue
                     break
             else:
-                self._send_shared(raw, len(frames))
+                self.send_shared(raw, len(frames))
                 return
         self._dispatch(frames, 0)
 
@@ -182,16 +183,18 @@ class ClientSession(asyncio.Protocol):
             kind = table.get(args[0])
             if kind is None:
                 kind = kind_of(table, args[0])
+            if kind == ROUTED and not self.server.readthrough.owns(args[0].upper(), args):
+                kind = PASS
             if kind == PASS and self.pin is None and self.authed:
                 run.append(encode_command(args))
                 i += 1
                 continue
             if run:
-                self._send_shared(b"".join(run), len(run))
+                self.send_shared(b"".join(run), len(run))
                 run = []
             i = self._command(frames, i, kind)
         if run:
-            self._send_shared(b"".join(run), len(run))
+            self.send_shared(b"".join(run), len(run))
         if i < n and self.hold is not None:
             self.backlog = frames[i:]
 
@@ -200,16 +203,16 @@ class ClientSession(asyncio.Protocol):
         args = frames[i]
         if kind == _FAIL:
             self.server.stats["protocol_errors"] += 1
-            self._reply(error(f"ERR Protocol error: {args[1]}"))
+            self.reply(error(f"ERR Protocol error: {args[1]}"))
             self.closing = True
             self._close_if_done()
             return len(frames)
         name = args[0].upper()
         if not self.authed and name not in (b"AUTH", b"HELLO", b"QUIT"):
-            self._reply(NOAUTH)
+            self.reply(NOAUTH)
             return i + 1
         if kind == DENY:
-            self._reply(error(f"ERR command '{name.decode(errors='replace')}' is not supported by cacheproxy"))
+            self.reply(error(f"ERR command '{name.decode(errors='replace')}' is not supported by cacheproxy"))
             return i + 1
         if self.pin is not None:
             if self.pin.up:
@@ -219,31 +222,34 @@ class ClientSession(asyncio.Protocol):
             return self._local(frames, i, name)
         if kind == RELAY:
             return self._start_relay(frames, i)
+        if kind == ROUTED:
+            self.server.readthrough.handle(self, args)
+            return i + 1
         if kind == PIN:
             if name == b"MULTI":
                 end = _transaction_end(frames, i, self.table)
                 if end is not None:
                     # The whole transaction arrived at once: written contiguously, it needs no pin.
                     block = frames[i:end]
-                    self._send_shared(b"".join(map(encode_command, block)), len(block))
+                    self.send_shared(b"".join(map(encode_command, block)), len(block))
                     return end
             elif name != b"WATCH" and not commands.is_blocking(name, args):
-                self._send_shared(encode_command(args), 1)
+                self.send_shared(encode_command(args), 1)
                 return i + 1
             return self._start_pin(frames, i)
         # PASS before authentication (answered above) or a kind added by later modules.
-        self._send_shared(encode_command(args), 1)
+        self.send_shared(encode_command(args), 1)
         return i + 1
 
     # -- shared connections ------------------------------------------------------------------------
-    def _send_shared(self, data: bytes, count: int) -> None:
+    def send_shared(self, data: bytes, count: int, after=None) -> None:
         conn = self.conn
         if conn is None or not conn.up:
             conn = self.conn = self.pool.pick(self.proto)
             if conn is None:
-                self._reply(error(f"ERR upstream unavailable: {self.pool.last_error}") * count)
+                self.reply(error(f"ERR upstream unavailable: {self.pool.last_error}") * count)
                 return
-        slot = Slot(self, count)
+        slot = Slot(self, count, after)
         self.replies.append(slot)
         self.inflight += count
         conn.send(data, slot)
@@ -253,7 +259,14 @@ class ClientSession(asyncio.Protocol):
             conn.blocked_sessions.add(self)
             self.pause("upstream")
 
-    def _reply(self, data: bytes) -> None:
+    def new_slot(self, count: int) -> Slot:
+        """A place in the reply order for a reply someone else will deliver through fill()."""
+        slot = Slot(self, count)
+        self.replies.append(slot)
+        self.inflight += count
+        return slot
+
+    def reply(self, data: bytes) -> None:
         """A reply the proxy knows now: written at once unless earlier replies are still pending."""
         if self.transport is None:
             return
@@ -322,7 +335,7 @@ class ClientSession(asyncio.Protocol):
             return
         except Exception:  # a bug in a step must not leave the client hanging
             log.exception("client %d: internal error", self.id)
-            self._reply(error("ERR internal proxy error"))
+            self.reply(error("ERR internal proxy error"))
             self.closing = True
             self._close_if_done()
         self.hold = None
@@ -347,7 +360,7 @@ class ClientSession(asyncio.Protocol):
                 self.pin = await self.pool.get_dedicated(self.proto)
             except UpstreamUnavailable as exc:
                 # Answer the command that needed the pin; the rest proceed as usual.
-                self._reply(error(f"ERR upstream unavailable: {exc}"))
+                self.reply(error(f"ERR upstream unavailable: {exc}"))
                 del self.backlog[0]
         return self._run_hold(frames, i, acquire)
 
@@ -433,7 +446,7 @@ class ClientSession(asyncio.Protocol):
                 try:
                     conn = await self.pool.get_dedicated(self.proto)
                 except UpstreamUnavailable as exc:
-                    self._reply(error(f"ERR upstream unavailable: {exc}"))
+                    self.reply(error(f"ERR upstream unavailable: {exc}"))
                     del self.backlog[0]
                     return
             conn.relay_to = self
@@ -465,24 +478,24 @@ class ClientSession(asyncio.Protocol):
         args = frames[i]
         problem = commands.arity_error(name, args)
         if problem:
-            self._reply(error(problem))
+            self.reply(error(problem))
             return i + 1
         if name == b"PING":
-            self._reply(b"+PONG\r\n" if len(args) == 1 else encode_reply(args[1]))
+            self.reply(b"+PONG\r\n" if len(args) == 1 else encode_reply(args[1]))
         elif name == b"ECHO":
-            self._reply(encode_reply(args[1]))
+            self.reply(encode_reply(args[1]))
         elif name == b"QUIT":
-            self._reply(OK)
+            self.reply(OK)
             self.closing = True
             self._close_if_done()
             return len(frames)
         elif name == b"AUTH":
-            self._reply(self._auth(args[1:]))
+            self.reply(self._auth(args[1:]))
         elif name == b"HELLO":
-            self._reply(self._hello(args))
+            self.reply(self._hello(args))
         elif name == b"RESET":
             self._reset_state()
-            self._reply(b"+RESET\r\n")
+            self.reply(b"+RESET\r\n")
         elif name == b"SELECT":
             return self._select(frames, i)
         elif name == b"CLIENT":
@@ -543,10 +556,10 @@ class ClientSession(asyncio.Protocol):
         try:
             db = int(frames[i][1])
         except ValueError:
-            self._reply(error("ERR value is not an integer or out of range"))
+            self.reply(error("ERR value is not an integer or out of range"))
             return i + 1
         if db == self.db:
-            self._reply(OK)
+            self.reply(OK)
             return i + 1
         return self._start_pin(frames, i)
 
@@ -554,19 +567,19 @@ class ClientSession(asyncio.Protocol):
         args = frames[i]
         sub = args[1].upper()
         if sub == b"SETINFO":
-            self._reply(OK)   # redis-py sends it on connect; library names are per proxy client
+            self.reply(OK)   # redis-py sends it on connect; library names are per proxy client
         elif sub == b"ID":
-            self._reply(b":%d\r\n" % self.id)
+            self.reply(b":%d\r\n" % self.id)
         elif sub == b"GETNAME":
-            self._reply(encode_reply(None, self.proto))
+            self.reply(encode_reply(None, self.proto))
         elif sub == b"SETNAME":
             return self._start_pin(frames, i)
         elif _starts_relay(args):
             return self._start_relay(frames, i)
         elif sub in (b"TRACKING", b"REPLY"):
-            self._reply(OK)   # TRACKING off / REPLY on: already the case
+            self.reply(OK)   # TRACKING off / REPLY on: already the case
         else:
-            self._send_shared(encode_command(args), 1)
+            self.send_shared(encode_command(args), 1)
         return i + 1
 
 
@@ -611,6 +624,11 @@ class ProxyServer:
         self.sessions: set[ClientSession] = set()
         self.table = _TABLE
         self.pool: UpstreamPool | None = None
+        self.metrics = Metrics()
+        self.metrics.server = self
+        self.backends: dict = {}
+        self.readthrough = None
+        self.admin = None
         self.listener: asyncio.base_events.Server | None = None
         self.clock = 0.0
         self.stats = {"connections": 0, "protocol_errors": 0, "auth_failures": 0, "relays": 0,
@@ -634,9 +652,16 @@ class ProxyServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.clock = loop.time()
-        self._stopping = asyncio.Event()
+        if self._stopping is None:
+            self._stopping = asyncio.Event()
         self.pool = UpstreamPool(self.cfg.upstream, loop)
         self.pool.start()
+        if self.cfg.routes:
+            await self._start_routes()
+        if self.cfg.admin.enabled:
+            from .admin import AdminServer
+            self.admin = AdminServer(self.cfg.admin, self.metrics, self.readiness)
+            await self.admin.start()
         listen = self.cfg.listen
         self.listener = await loop.create_server(
             lambda: ClientSession(self), listen.host, listen.port,
@@ -644,6 +669,32 @@ class ProxyServer:
         self._tasks.append(loop.create_task(self._tick()))
         await self.pool.wait_ready(self.cfg.upstream.connect_timeout)
         log.info("listening on %s:%d, upstream %s", listen.host, listen.port, self.cfg.upstream.redacted_url)
+
+    async def _start_routes(self) -> None:
+        """Backends, routes and the read-through path; routed command names get the ROUTED kind."""
+        from .loader import Loader
+        from .readthrough import ROUTED_COMMANDS, ReadThrough
+        from .routes import build_router, start_backends
+        self.backends = await start_backends(self.cfg)
+        router = await build_router(self.cfg, self.backends, self.metrics)
+        self.readthrough = ReadThrough(router, self.pool, Loader(self.pool, self.metrics))
+        table = dict(_TABLE)
+        for name in ROUTED_COMMANDS:
+            table[name] = table[name.lower()] = ROUTED
+        self.table = table
+
+    async def readiness(self) -> dict[str, str | None]:
+        """What /readyz reports: None for a healthy component, else the reason."""
+        problems: dict[str, str | None] = {
+            "upstream": None if self.pool is not None and self.pool.healthy else
+            f"upstream unavailable: {self.pool.last_error if self.pool else 'not started'}"}
+        for name, backend in self.backends.items():
+            try:
+                await asyncio.wait_for(backend.ping(), 2)
+                problems[f"backend:{name}"] = None
+            except Exception as exc:   # any failure means "not ready"; the reason is reported
+                problems[f"backend:{name}"] = str(exc) or type(exc).__name__
+        return problems
 
     @property
     def port(self) -> int:
@@ -671,10 +722,12 @@ class ProxyServer:
         self._stopping.set()
 
     async def run(self) -> None:
-        await self.start()
         loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        # Signals first: a SIGTERM that arrives while we are still starting must stop us cleanly.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        await self.start()
         await self._stopping.wait()
         await self.shutdown()
 
@@ -694,6 +747,10 @@ class ProxyServer:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.admin is not None:
+            await self.admin.close()
+        for backend in self.backends.values():
+            await backend.close()
         if self.pool is not None:
             await self.pool.close()
         log.info("stopped")

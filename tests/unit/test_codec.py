@@ -133,7 +133,7 @@ def test_pending_returns_unparsed_bytes():
     b"+OK\r\n", b"-ERR x\r\n", b":12\r\n", b"$-1\r\n", b"$0\r\n\r\n", b"$5\r\nhe\r\no\r\n", b"*-1\r\n", b"*0\r\n",
     b"*2\r\n$1\r\na\r\n*1\r\n:1\r\n", b"%2\r\n+a\r\n:1\r\n+b\r\n,1.5\r\n", b"~1\r\n#t\r\n", b"_\r\n",
     b"(123456789012345678901234567890\r\n", b"=7\r\ntxt:abc\r\n", b"!5\r\nERR x\r\n",
-    b"|1\r\n+key\r\n+val\r\n$1\r\nx\r\n", b">3\r\n+message\r\n+ch\r\n+hi\r\n",
+    b"|1\r\n+key\r\n+val\r\n$1\r\nx\r\n", b">3\r\n+message\r\n+ch\r\n+hi\r\n:1\r\n",
 ])
 def test_scan_finds_reply_boundaries(reply):
     data = reply * 3 + b"+NEXT\r\n"
@@ -156,3 +156,13 @@ def test_encode_reply_round_trips_through_hiredis():
     assert parse_reply(encode_reply(value, 2)) == [b"a", [1, b"x", None], b"b", b"y"]
     assert parse_reply(encode_reply(value, 3)) == {b"a": [1, b"x", None], b"b": b"y"}
     assert encode_reply(ErrorReply("ERR bad")) == b"-ERR bad\r\n"
+
+
+def test_huge_declared_array_is_refused_without_allocating():
+    # hiredis would preallocate a 3-billion-slot list for this header; the parser must not let it.
+    parser = RequestParser()
+    frames, _ = parser.feed(b"*3000000000\r\n")
+    assert frames == [] and parser.error == "invalid multibulk length"
+    nested = RequestParser()
+    frames, raw = nested.feed(b"*2\r\n$3\r\nGET\r\n*3000000000\r\n")
+    assert raw is None and nested.error == "expected '$', got '*'"

@@ -1,0 +1,64 @@
+"""Admin HTTP endpoint: /metrics (Prometheus), /healthz (alive), /readyz (upstream and backends reachable).
+
+A deliberately tiny HTTP/1.0-style server on asyncio streams: three GET routes, one response per
+connection, so the proxy needs no web framework.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+log = logging.getLogger("cacheproxy.admin")
+
+
+class AdminServer:
+    def __init__(self, cfg, metrics, readiness):
+        """readiness: async callable returning {component: None if ok else 'reason'}."""
+        self.cfg = cfg
+        self.metrics = metrics
+        self.readiness = readiness
+        self.server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, self.cfg.host, self.cfg.port)
+        log.info("admin on http://%s:%d (/metrics /healthz /readyz)", self.cfg.host, self.port)
+
+    @property
+    def port(self) -> int:
+        return self.server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            method, path = request.split(b" ", 2)[:2]
+            path = path.split(b"?", 1)[0]
+            if method != b"GET":
+                status, ctype, body = 405, "text/plain", b"method not allowed\n"
+            elif path == b"/metrics":
+                status, ctype, body = 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry)
+            elif path == b"/healthz":
+                status, ctype, body = 200, "application/json", b'{"status":"ok"}\n'
+            elif path == b"/readyz":
+                problems = {k: v for k, v in (await self.readiness()).items() if v}
+                status = 503 if problems else 200
+                body = json.dumps({"ready": not problems, "problems": problems}).encode() + b"\n"
+                ctype = "application/json"
+            else:
+                status, ctype, body = 404, "text/plain", b"not found\n"
+            reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}[status]
+            writer.write(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                         % (status, reason.encode(), ctype.encode(), len(body)) + body)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError,
+                ConnectionError):
+            pass
+        finally:
+            writer.close()

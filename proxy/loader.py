@@ -1,0 +1,249 @@
+"""Read-through: a miss on a routed key is loaded from its backend and written back to the cache.
+
+    miss -> single-flight (one load per key in this proxy)
+         -> BEGIN script: negative entry? key appeared meanwhile? else take a lease (SET NX PX)
+         -> backend fetch -> encode -> FILL script: write only while our lease still holds
+    answer: the caller re-issues the client's own command, so the reply is exactly what Redis says
+
+Leases, not SET NX, guard fills (the memcache lease idea): a write or delete through the proxy
+removes the lease, so a fill that started before it can neither overwrite a newer value nor
+resurrect a deleted key. Across proxies the lease also keeps a cold key to about one load: a proxy
+that finds the lease taken waits briefly for the winner's fill.
+
+Companion keys (lease, negative entry) carry the data key's hash slot, so the scripts touch one slot
+and work unchanged on a Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+
+from .backends.base import BackendError, BackendPermanentError
+from .codec import parse_reply
+from .upstream import UpstreamUnavailable
+
+log = logging.getLogger("cacheproxy.loader")
+
+PREFIX = "cacheproxy"
+LEASE_MS = 10_000           # longer than any sane backend timeout; a crashed loader's lease expires
+BUSY_WAIT_S = 1.0           # how long a proxy waits for another proxy's fill before loading itself
+REFRESH_GUARD_S = 1.0       # at most one refresh-ahead attempt per key per second from this proxy
+
+_BEGIN = """
+if ARGV[3] == 'miss' then
+  if redis.call('EXISTS', KEYS[3]) == 1 then return 'NEG' end
+  if redis.call('EXISTS', KEYS[1]) == 1 then return 'HIT' end
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 'LEASE' end
+return 'BUSY'
+"""
+
+# KEYS: key, lease, neg. ARGV: token, kind (value|hash|neg), ttl_ms (0 = none), overwrite, payload...
+_FILL = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[2])
+local ttl = tonumber(ARGV[3])
+if ARGV[2] == 'neg' then
+  redis.call('DEL', KEYS[1])
+  if ttl > 0 then redis.call('SET', KEYS[3], '1', 'PX', ttl) end
+  return 1
+end
+if ARGV[4] == '0' and redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('DEL', KEYS[3])
+if ARGV[2] == 'hash' then
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+elseif ttl > 0 then
+  redis.call('SET', KEYS[1], ARGV[5], 'PX', ttl)
+else
+  redis.call('SET', KEYS[1], ARGV[5])
+end
+return 1
+"""
+
+
+def hash_tag(key: bytes) -> bytes:
+    """The part of a key Redis Cluster hashes: the first non-empty {...}, else the whole key."""
+    start = key.find(b"{")
+    if start >= 0:
+        end = key.find(b"}", start + 1)
+        if end > start + 1:
+            return key[start + 1:end]
+    return key
+
+
+def companion(kind: str, key: bytes) -> bytes:
+    """A proxy-owned key in the same cluster slot as `key`, e.g. cacheproxy:lease:{user:42}."""
+    return b"%s:%s:{%s}:%s" % (PREFIX.encode(), kind.encode(), hash_tag(key), key)
+
+
+@dataclass
+class Found:
+    """What a load produced: the cache value (bytes) or hash pairs, or nothing (not found)."""
+    value: bytes | None = None
+    pairs: list[tuple[bytes, bytes]] | None = None
+
+    @property
+    def exists(self) -> bool:
+        return self.value is not None or bool(self.pairs)
+
+
+class Outcome:
+    CACHED = "cached"        # the cache now answers for the key (value, negative entry or a newer write)
+    DIRECT = "direct"        # upstream unavailable: answer from `found`, nothing cached
+
+
+class Script:
+    """EVALSHA with a fallback to EVAL when the upstream has not seen the script (or was restarted)."""
+
+    def __init__(self, source: str):
+        import hashlib
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def __call__(self, pool, keys: list, args: list):
+        reply = await pool.execute("EVALSHA", self.sha, len(keys), *keys, *args)
+        if isinstance(reply, Exception) and str(reply).startswith("NOSCRIPT"):
+            reply = await pool.execute("EVAL", self.source, len(keys), *keys, *args)
+        if isinstance(reply, Exception):
+            raise UpstreamUnavailable(f"script failed: {reply}")
+        return reply
+
+
+BEGIN = Script(_BEGIN)
+FILL = Script(_FILL)
+
+
+def ttl_ms(policy, negative: bool = False) -> int:
+    """Physical TTL for a fill: the route's TTL less a random jitter fraction, plus the stale window."""
+    if negative:
+        return int(policy.negative_seconds * 1000)
+    if policy.seconds is None:
+        return 0
+    base = policy.seconds * 1000 * (1 - policy.jitter * random.random())
+    return max(1, int(base + policy.stale_if_error * 1000))
+
+
+class Loader:
+    def __init__(self, pool, metrics):
+        self.pool = pool
+        self.metrics = metrics
+        self.flights: dict[bytes, asyncio.Future] = {}
+        self.refreshed: dict[bytes, float] = {}
+        self._errors_logged: set[str] = set()
+
+    async def load(self, route, key: bytes, params: dict) -> tuple[str, Found | None]:
+        """Make the cache answer for `key`; single-flight per key. Returns (Outcome, found)."""
+        flight = self.flights.get(key)
+        if flight is not None:
+            route.stats.singleflight_joins += 1
+            return await asyncio.shield(flight)
+        flight = asyncio.get_running_loop().create_future()
+        self.flights[key] = flight
+        try:
+            result = await self._load(route, key, params, refresh=False)
+        except BaseException as exc:
+            flight.set_exception(exc)
+            flight.exception()   # joiners re-raise it; mark it retrieved for the lone-caller case
+            raise
+        else:
+            flight.set_result(result)
+            return result
+        finally:
+            del self.flights[key]
+
+    def maybe_refresh(self, route, key: bytes, params: dict, remaining_ms: int) -> None:
+        """Refresh-ahead: a hit close to expiry reloads the key in the background (XFetch-style:
+        the closer to expiry, the likelier), at most once per second per key from this proxy."""
+        policy = route.ttl
+        if not policy.refresh_ahead or policy.seconds is None or key in self.flights:
+            return
+        window = policy.refresh_ahead * policy.seconds * 1000
+        logical = remaining_ms - policy.stale_if_error * 1000
+        if logical > window or random.random() * window < logical * 0.5:
+            return
+        now = time.monotonic()
+        if now - self.refreshed.get(key, 0.0) < REFRESH_GUARD_S:
+            return
+        self.refreshed[key] = now
+        if len(self.refreshed) > 10000:
+            self.refreshed = {k: t for k, t in self.refreshed.items() if now - t < REFRESH_GUARD_S}
+        route.stats.refresh_ahead += 1
+        asyncio.get_running_loop().create_task(self._refresh(route, key, params))
+
+    async def _refresh(self, route, key: bytes, params: dict) -> None:
+        flight = asyncio.get_running_loop().create_future()
+        self.flights[key] = flight
+        try:
+            flight.set_result(await self._load(route, key, params, refresh=True))
+        except Exception as exc:
+            flight.set_result((Outcome.CACHED, None))   # joiners re-read the cache, which still holds the value
+            log.info("refresh-ahead of %r failed: %s", key, exc)
+        finally:
+            del self.flights[key]
+
+    async def _load(self, route, key: bytes, params: dict, refresh: bool) -> tuple[str, Found | None]:
+        keys = [key, companion("lease", key), companion("neg", key)]
+        token = os.urandom(8).hex()
+        try:
+            status = await BEGIN(self.pool, keys, [token, LEASE_MS, "refresh" if refresh else "miss"])
+            deadline = time.monotonic() + BUSY_WAIT_S
+            while status == b"BUSY" and not refresh and time.monotonic() < deadline:
+                # Another proxy is loading this key: give its fill a moment instead of a second query.
+                await asyncio.sleep(0.01)
+                status = await BEGIN(self.pool, keys, [token, LEASE_MS, "miss"])
+        except UpstreamUnavailable:
+            found = await self._fetch(route, key, params)
+            return Outcome.DIRECT, found
+        if status == b"NEG":
+            route.stats.negative_hits += 1
+            return Outcome.CACHED, None
+        if status == b"HIT" or (status == b"BUSY" and refresh):
+            return Outcome.CACHED, None
+        found = await self._fetch(route, key, params)
+        if status == b"BUSY":
+            return Outcome.DIRECT, found      # the other proxy never filled: answer, don't cache
+        if found.exists:
+            kind = "hash" if found.pairs is not None else "value"
+            payload = [v for pair in found.pairs for v in pair] if kind == "hash" else [found.value]
+            ttl = ttl_ms(route.ttl)
+        else:
+            route.stats.not_found += 1
+            kind, payload, ttl = "neg", [], ttl_ms(route.ttl, negative=True)
+        try:
+            await FILL(self.pool, keys, [token, kind, ttl, "1" if refresh else "0", *payload])
+        except UpstreamUnavailable:
+            return Outcome.DIRECT, found
+        return Outcome.CACHED, found
+
+    async def _fetch(self, route, key: bytes, params: dict) -> Found:
+        stats = route.stats
+        stats.loads += 1
+        started = time.perf_counter()
+        try:
+            rows = await route.fetch(params)
+        except BackendError as exc:
+            stats.load_errors += 1
+            errors = self.metrics.backend_errors
+            errors[route.backend_name] = errors.get(route.backend_name, 0) + 1
+            raise
+        finally:
+            self.metrics.load_seconds.labels(route.name, route.backend_name).observe(time.perf_counter() - started)
+        try:
+            return route.encode(rows)
+        except BackendPermanentError as exc:
+            if route.name not in self._errors_logged:
+                self._errors_logged.add(route.name)
+                log.error("route %s: %s", route.name, exc)
+            raise
+
+
+def parse_pttl(raw: bytes) -> int:
+    value = parse_reply(raw)
+    return value if isinstance(value, int) else -2

@@ -1,0 +1,298 @@
+"""Routed commands inside a client session: reads served through the loader, writes that void leases.
+
+A routed read goes to the upstream like any command, with a waiter that looks at the reply:
+    hit  -> the raw reply goes to the client as it is (refresh-ahead may start in the background)
+    miss -> a task loads the key (loader.py), then re-issues the client's command so the reply is
+            exactly what Redis answers for the freshly filled key (or its negative entry)
+The client's slot in its reply queue is filled whenever that finishes: later commands in the same
+pipeline are not held up, and replies still leave in request order.
+
+A nil is only a miss when it cannot mean anything else: GET/GETEX nil, HGETALL empty, HLEN 0,
+EXISTS 0, TTL -2. For HGET/HMGET/HEXISTS (a nil field may sit in an existing hash), and for routes
+that need the remaining TTL (refresh-ahead, stale-if-error), a PTTL rides in the same batch.
+
+Routed writes are forwarded after a DEL of the key's lease and negative entry, so a fill that
+started before the write can no longer land (see loader.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from .backends.base import BackendError
+from .codec import encode_command, encode_reply, error, parse_reply, scan_replies
+from .loader import Found, Loader, Outcome, companion
+from .upstream import UpstreamUnavailable
+
+log = logging.getLogger("cacheproxy.readthrough")
+
+# command -> (encoding family the key must have, nil reply is ambiguous without PTTL)
+SINGLE_READS = {
+    b"GET": ("value", False), b"GETEX": ("value", False),
+    b"HGETALL": ("hash", False), b"HLEN": ("hash", False),
+    b"HGET": ("hash", True), b"HMGET": ("hash", True), b"HEXISTS": ("hash", True),
+    b"TTL": (None, False), b"PTTL": (None, False),
+}
+MULTI_READS = (b"MGET", b"EXISTS")
+MISS_REPLIES = frozenset((b"$-1\r\n", b"_\r\n", b"*0\r\n", b"%0\r\n", b":0\r\n", b":-2\r\n"))
+
+# Writes whose keys are args[1:] (all of them), args[1::2] (key-value pairs) or args[1] (one key).
+WRITES_ALL_KEYS = (b"DEL", b"UNLINK")
+WRITES_PAIRS = (b"MSET",)
+WRITES_FIRST_KEY = (
+    b"SET", b"SETEX", b"PSETEX", b"SETNX", b"GETSET", b"GETDEL", b"APPEND", b"SETRANGE",
+    b"INCR", b"INCRBY", b"DECR", b"DECRBY", b"INCRBYFLOAT",
+    b"HSET", b"HMSET", b"HSETNX", b"HDEL", b"HINCRBY", b"HINCRBYFLOAT",
+    b"EXPIRE", b"PEXPIRE", b"EXPIREAT", b"PEXPIREAT", b"PERSIST",
+)
+ROUTED_COMMANDS = tuple(SINGLE_READS) + MULTI_READS + WRITES_ALL_KEYS + WRITES_PAIRS + WRITES_FIRST_KEY
+
+WRONGTYPE = error("WRONGTYPE Operation against a key holding the wrong kind of value")
+
+
+def write_keys(name: bytes, args: list[bytes]) -> list[bytes]:
+    if name in WRITES_ALL_KEYS:
+        return args[1:]
+    if name in WRITES_PAIRS:
+        return args[1::2]
+    return args[1:2]
+
+
+class ReadThrough:
+    def __init__(self, router, pool, loader: Loader):
+        self.router = router
+        self.pool = pool
+        self.loader = loader
+        self.prefixes = router.prefixes   # bytes.startswith(tuple): the cheap first test
+
+    def owns(self, name: bytes, args: list[bytes]) -> bool:
+        """Does any key of this command belong to a route? Called on the hot path for routable names."""
+        if len(args) < 2:
+            return False
+        if name in SINGLE_READS or name in WRITES_FIRST_KEY:
+            keys = args[1:2]
+        elif name in WRITES_PAIRS:
+            keys = args[1::2]
+        else:
+            keys = args[1:]
+        prefixes = self.prefixes
+        match = self.router.match
+        return any(key.startswith(prefixes) and match(key) is not None for key in keys)
+
+    # -- dispatch from the session -------------------------------------------------------------------
+    def handle(self, session, args: list[bytes]) -> None:
+        """The session found a routed command it owns (owns() was true): answer it in order."""
+        name = args[0].upper()
+        if name in SINGLE_READS:
+            self._single(session, name, args)
+        elif name in MULTI_READS:
+            self._multi(session, name, args)
+        else:
+            self._write(session, name, args)
+
+    def _single(self, session, name: bytes, args: list[bytes]) -> None:
+        key = args[1]
+        route, params = self.router.match(key)
+        family, ambiguous = SINGLE_READS[name]
+        if family is not None and family != route.family:
+            session.reply(WRONGTYPE)
+            return
+        slot = session.new_slot(1)
+        with_ttl = ambiguous or route.needs_pttl
+        read = _Read(self, session, slot, route, key, params, args, with_ttl)
+        conn = self.pool.pick(session.proto)
+        if conn is None:
+            read.miss(None)
+            return
+        request = encode_command(args)
+        if with_ttl:
+            request = encode_command((b"PTTL", key)) + request
+        conn.send(request, read)
+
+    def _multi(self, session, name: bytes, args: list[bytes]) -> None:
+        slot = session.new_slot(1)
+        asyncio.get_running_loop().create_task(self._multi_safe(session, slot, name, args))
+
+    async def _multi_safe(self, session, slot, name: bytes, args: list[bytes]) -> None:
+        try:
+            await self._multi_task(session, slot, name, args)
+        except Exception:
+            log.exception("read-through of %s failed", name.decode())
+            session.fill(slot, error("ERR internal proxy error"))
+
+    def _write(self, session, name: bytes, args: list[bytes]) -> None:
+        voided = []
+        for key in write_keys(name, args):
+            if self.router.match(key) is not None:
+                voided += (companion("lease", key), companion("neg", key))
+        session.send_shared(encode_command([b"DEL", *voided]) + encode_command(args), 2, after=_drop_first)
+
+    # -- multi-key reads -----------------------------------------------------------------------------
+    async def _multi_task(self, session, slot, name: bytes, args: list[bytes]) -> None:
+        keys = args[1:]
+        proto = session.proto
+        try:
+            if name == b"MGET":
+                values = await self._call(proto, args)
+            else:   # EXISTS counts every key (repeats included): ask per key to know which are missing
+                values = await self._call_many(proto, [(b"EXISTS", k) for k in keys])
+        except UpstreamUnavailable:
+            values = [None] * len(keys) if name == b"MGET" else [0] * len(keys)
+        if isinstance(values, Exception):
+            session.fill(slot, error(str(values)))
+            return
+        missing = {}
+        for index, key in enumerate(keys):
+            if values[index] in (None, 0) and key not in missing:
+                hit = self.router.match(key)
+                if hit is not None and (name == b"EXISTS" or hit[0].family == "value"):
+                    missing[key] = hit
+        if missing:
+            try:
+                loaded = await asyncio.gather(*(self._load(route, key, params)
+                                                for key, (route, params) in missing.items()))
+            except BackendError as exc:
+                session.fill(slot, backend_error(exc))
+                return
+            found = dict(zip(missing, loaded, strict=True))
+            recheck = [k for k, (outcome, _) in found.items() if outcome == Outcome.CACHED]
+            fresh = {}
+            if recheck:
+                try:
+                    if name == b"MGET":
+                        fresh = dict(zip(recheck, await self._call(proto, [b"MGET", *recheck]), strict=True))
+                    else:
+                        fresh = dict(zip(recheck, await self._call_many(proto, [(b"EXISTS", k) for k in recheck]),
+                                         strict=True))
+                except UpstreamUnavailable:
+                    pass
+            for index, key in enumerate(keys):
+                if key in found:
+                    outcome, result = found[key]
+                    if key in fresh:
+                        values[index] = fresh[key]
+                    elif result is not None:
+                        values[index] = result.value if name == b"MGET" else int(result.exists)
+        if name == b"MGET":
+            session.fill(slot, encode_reply(list(values), proto))
+        else:
+            session.fill(slot, b":%d\r\n" % sum(values))
+
+    async def _load(self, route, key, params):
+        route.stats.misses += 1
+        return await self.loader.load(route, key, params)
+
+    async def _call(self, proto: int, args):
+        conn = self.pool.pick(proto)
+        if conn is None:
+            raise UpstreamUnavailable(self.pool.last_error)
+        return parse_reply(await conn.call(*args))
+
+    async def _call_many(self, proto: int, commands: list) -> list:
+        conn = self.pool.pick(proto)
+        if conn is None:
+            raise UpstreamUnavailable(self.pool.last_error)
+        futures = [conn.call(*c) for c in commands]
+        return [parse_reply(raw) for raw in await asyncio.gather(*futures)]
+
+
+class _Read:
+    """Waiter for one routed single-key read (one reply, or PTTL + the reply)."""
+
+    __slots__ = ("rt", "session", "slot", "route", "key", "params", "args", "with_ttl", "count")
+
+    def __init__(self, rt: ReadThrough, session, slot, route, key, params, args, with_ttl: bool):
+        self.rt, self.session, self.slot = rt, session, slot
+        self.route, self.key, self.params, self.args = route, key, params, args
+        self.with_ttl = with_ttl
+        self.count = 2 if with_ttl else 1
+
+    def on_reply(self, data) -> None:
+        route = self.route
+        if self.with_ttl:
+            split, _ = scan_replies(data, 0, 1)
+            pttl = parse_reply(data[:split])
+            reply = data[split:]
+            miss = not isinstance(pttl, int) or pttl == -2
+        else:
+            pttl = None
+            reply = data
+            miss = reply in MISS_REPLIES
+        if not miss and pttl is not None and pttl >= 0 and route.ttl.stale_if_error:
+            if pttl <= route.ttl.stale_if_error * 1000:
+                self.miss(reply)            # logically expired: reload, but keep the stale reply
+                return
+        if miss:
+            self.miss(None)
+            return
+        route.stats.hits += 1
+        if pttl is not None and pttl > 0:
+            self.rt.loader.maybe_refresh(route, self.key, self.params, pttl)
+        self.session.fill(self.slot, reply)
+
+    def miss(self, stale) -> None:
+        self.route.stats.misses += 1
+        asyncio.get_running_loop().create_task(self._load(stale))
+
+    async def _load(self, stale) -> None:
+        try:
+            await self._answer(stale)
+        except Exception:
+            log.exception("read-through of %r failed", self.key)
+            self.session.fill(self.slot, error("ERR internal proxy error"))
+
+    async def _answer(self, stale) -> None:
+        rt, session = self.rt, self.session
+        try:
+            outcome, found = await rt.loader.load(self.route, self.key, self.params)
+        except BackendError as exc:
+            if stale is not None:
+                self.route.stats.stale_served += 1
+                session.fill(self.slot, stale)
+            else:
+                session.fill(self.slot, backend_error(exc))
+            return
+        if outcome == Outcome.CACHED:
+            conn = rt.pool.pick(session.proto)
+            if conn is not None:
+                try:
+                    session.fill(self.slot, await conn.call(*self.args))
+                    return
+                except UpstreamUnavailable:
+                    pass
+            if found is None:
+                session.fill(self.slot, error(f"ERR upstream unavailable: {rt.pool.last_error}"))
+                return
+        session.fill(self.slot, reply_from_found(self.args, found or Found(), session.proto))
+
+
+def backend_error(exc: BackendError) -> bytes:
+    return error(f"ERR backend {exc.backend} unavailable: {exc}")
+
+
+def reply_from_found(args: list[bytes], found: Found, proto: int) -> bytes:
+    """Answer a read from a loaded row when the cache cannot (upstream down): what Redis would say."""
+    name = args[0].upper()
+    pairs = dict(found.pairs or [])
+    if name in (b"GET", b"GETEX"):
+        return encode_reply(found.value, proto)
+    if name == b"HGETALL":
+        return encode_reply(pairs, proto)
+    if name == b"HGET":
+        return encode_reply(pairs.get(args[2]), proto)
+    if name == b"HMGET":
+        return encode_reply([pairs.get(f) for f in args[2:]], proto)
+    if name == b"HEXISTS":
+        return encode_reply(int(args[2] in pairs), proto)
+    if name == b"HLEN":
+        return encode_reply(len(pairs), proto)
+    if name in (b"TTL", b"PTTL"):
+        return b":-1\r\n" if found.exists else b":-2\r\n"
+    return error("ERR upstream unavailable")
+
+
+def _drop_first(slot, data):
+    """The lease DEL that precedes a routed write: the client only sees the write's reply."""
+    split, _ = scan_replies(data, 0, 1)
+    return data[split:]
