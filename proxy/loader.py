@@ -228,7 +228,7 @@ class Loader:
         started = time.perf_counter()
         try:
             rows = await route.fetch(params)
-        except BackendError as exc:
+        except BackendError:
             stats.load_errors += 1
             errors = self.metrics.backend_errors
             errors[route.backend_name] = errors.get(route.backend_name, 0) + 1

@@ -4,6 +4,7 @@ import random
 
 import pytest
 
+from proxy.codec import Error as ErrorReply
 from proxy.codec import (
     RequestParser,
     encode_command,
@@ -12,7 +13,6 @@ from proxy.codec import (
     scan_replies,
     split_inline,
 )
-from proxy.codec import Error as ErrorReply
 
 
 def feed_all(parser, chunks):
