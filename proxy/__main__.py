@@ -54,7 +54,7 @@ def setup_logging(level: str, fmt: str) -> None:
 def _load(path: str | None):
     from .config import ConfigError, config_from_dict, load_config
     try:
-        return load_config(path) if path else config_from_dict({}, "<defaults>")
+        return load_config(path) if path else config_from_dict({}, "<defaults>", env=os.environ)
     except ConfigError as exc:
         print(f"cacheproxy: invalid configuration:\n{exc}", file=sys.stderr)
         sys.exit(2)
@@ -83,12 +83,16 @@ def serve(args) -> int:
             uvloop.install()
         except ImportError:
             logging.getLogger("cacheproxy").info("uvloop not installed; using asyncio's event loop")
+    from .routes import RouteError
     from .server import ProxyServer
     try:
         asyncio.run(ProxyServer(cfg).run())
     except OSError as exc:   # e.g. the port is taken: say so plainly
         logging.getLogger("cacheproxy").error("cannot serve: %s", exc)
         return 1
+    except RouteError as exc:
+        logging.getLogger("cacheproxy").error("invalid route: %s", exc)
+        return 2
     return 0
 
 

@@ -1,0 +1,102 @@
+"""Wiring: config routes + started backends -> runtime routes behind a Router.
+
+A runtime route knows how to fetch its rows (binding the key's parameters) and how to encode them
+for the cache; the loader and the read-through path only talk to this small surface.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .backends.base import BackendError, BackendPermanentError, ReadSpec
+from .encoding import to_hash, to_json, to_string
+from .loader import Found
+from .router import Router, compile_template, fill
+
+log = logging.getLogger("cacheproxy.routes")
+
+
+class RuntimeRoute:
+    def __init__(self, index: int, cfg_route, backend, metrics):
+        self.index = index
+        self.key = cfg_route.key           # the template: Router matches on it
+        self.name = cfg_route.key          # metric label
+        self.backend = backend
+        self.backend_name = cfg_route.backend
+        read = cfg_route.read
+        self.read = read
+        self.encoding = read.as_
+        self.family = "hash" if read.as_ == "hash" else "value"
+        self.ttl = cfg_route.ttl
+        # Hits need the remaining TTL only for refresh-ahead and stale-if-error.
+        self.needs_pttl = bool(self.ttl.refresh_ahead or self.ttl.stale_if_error)
+        self.stats = metrics.route(self.name)
+        self.write = cfg_route.write
+
+    def spec(self, params: dict) -> ReadSpec:
+        read = self.read
+        return ReadSpec(
+            as_=read.as_, query=read.query, params=read.params, many=read.many, column=read.column,
+            table=read.table,
+            key={attr: fill(t, params) for attr, t in read.key.items()} if read.key else None,
+            key_condition=read.key_condition,
+            values={name: fill(t, params) for name, t in read.values.items()} if read.values else None,
+            index=read.index, consistent_read=read.consistent_read)
+
+    async def fetch(self, params: dict) -> list[dict]:
+        values = [params[name] for name in (self.read.params or [])]
+        return await self.backend.fetch(self.spec(params), values)
+
+    def encode(self, rows: list[dict]) -> Found:
+        if not rows:
+            return Found()
+        if self.read.many:
+            return Found(value=to_json(rows))
+        if len(rows) > 1:
+            raise BackendPermanentError(
+                self.backend_name, f"the read query returned {len(rows)} rows for one key; "
+                f"set `many: true` on route {self.name!r} to cache them as a JSON array")
+        row = rows[0]
+        if self.encoding == "json":
+            return Found(value=to_json(row))
+        if self.encoding == "string":
+            return Found(value=to_string(row, self.read.column))
+        return Found(pairs=to_hash(row))
+
+
+async def start_backends(cfg) -> dict:
+    """Create and start every configured backend. An unreachable backend does not stop the proxy:
+    its routes answer with `backend unavailable` errors until it comes back."""
+    from .backends import create_backend
+    backends = {}
+    for name, bcfg in cfg.backends.items():
+        backend = create_backend(name, bcfg)
+        try:
+            await backend.start()
+        except BackendError as exc:
+            log.warning("backend %s is not reachable yet: %s", name, exc)
+        backends[name] = backend
+    return backends
+
+
+async def build_router(cfg, backends: dict, metrics) -> Router:
+    """Runtime routes for every route that reads; each read spec is checked against its backend
+    (Postgres PREPAREs the query, DynamoDB describes the table) and a wrong one stops startup."""
+    routes = []
+    for index, cfg_route in enumerate(cfg.routes):
+        if cfg_route.read is None:
+            continue
+        route = RuntimeRoute(index, cfg_route, backends[cfg_route.backend], metrics)
+        try:
+            placeholders = {name: "0" for name in compile_template(cfg_route.key).params}
+            await route.backend.check_read(route.spec(placeholders))
+        except BackendPermanentError as exc:
+            raise RouteError(f"routes[{index}] ({cfg_route.key}): {exc}") from None
+        except BackendError as exc:
+            log.warning("routes[%d] (%s): cannot check the read spec now: %s", index, cfg_route.key, exc)
+        routes.append(route)
+    return Router(routes)
+
+
+class RouteError(Exception):
+    """A route whose read spec its backend rejects (wrong parameter count, missing table ...)."""
