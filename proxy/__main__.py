@@ -83,15 +83,14 @@ def serve(args) -> int:
             uvloop.install()
         except ImportError:
             logging.getLogger("cacheproxy").info("uvloop not installed; using asyncio's event loop")
-    from .routes import RouteError
-    from .server import ProxyServer
+    from .server import ProxyServer, StartupError
     try:
         asyncio.run(ProxyServer(cfg).run())
     except OSError as exc:   # e.g. the port is taken: say so plainly
         logging.getLogger("cacheproxy").error("cannot serve: %s", exc)
         return 1
-    except RouteError as exc:
-        logging.getLogger("cacheproxy").error("invalid route: %s", exc)
+    except StartupError as exc:
+        logging.getLogger("cacheproxy").error("cannot start: %s", exc)
         return 2
     return 0
 

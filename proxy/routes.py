@@ -12,6 +12,7 @@ from .backends.base import BackendError, BackendPermanentError, ReadSpec
 from .encoding import to_hash, to_json, to_string
 from .loader import Found
 from .router import Router, compile_template, fill
+from .server import StartupError
 
 log = logging.getLogger("cacheproxy.routes")
 
@@ -91,12 +92,8 @@ async def build_router(cfg, backends: dict, metrics) -> Router:
             placeholders = {name: "0" for name in compile_template(cfg_route.key).params}
             await route.backend.check_read(route.spec(placeholders))
         except BackendPermanentError as exc:
-            raise RouteError(f"routes[{index}] ({cfg_route.key}): {exc}") from None
+            raise StartupError(f"routes[{index}] ({cfg_route.key}): {exc}") from None
         except BackendError as exc:
             log.warning("routes[%d] (%s): cannot check the read spec now: %s", index, cfg_route.key, exc)
         routes.append(route)
     return Router(routes)
-
-
-class RouteError(Exception):
-    """A route whose read spec its backend rejects (wrong parameter count, missing table ...)."""

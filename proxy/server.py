@@ -44,6 +44,10 @@ NOAUTH = error("NOAUTH Authentication required.")
 WRONGPASS = error("WRONGPASS invalid username-password pair or user is disabled.")
 
 
+class StartupError(Exception):
+    """The proxy cannot start as configured (e.g. a route its backend rejects); the text says why."""
+
+
 class Slot:
     """The place of one request (or a batch of `count` pipelined requests) in a session's replies."""
 
