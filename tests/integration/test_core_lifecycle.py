@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import redis
 import yaml
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from tests.fixtures.proxy import DEFAULT_CONFIG, REPO_ROOT, ProxyProcess, deep_merge, encode_command
 from tests.fixtures.redis_server import RedisServer, free_port
@@ -176,10 +178,11 @@ def test_password_required(redis_server, make_proxy):
         ok = proxy.client(protocol=protocol, password="s3cret")
         assert ok.get("auth:k") == b"v"
         ok.close()
+        no_retry = Retry(NoBackoff(), 0)  # redis-py retries auth failures with backoff by default
         with pytest.raises(redis.AuthenticationError):
-            proxy.client(protocol=protocol).get("auth:k")
+            proxy.client(protocol=protocol, retry=no_retry).get("auth:k")
         with pytest.raises(redis.AuthenticationError):
-            proxy.client(protocol=protocol, password="wrong").get("auth:k")
+            proxy.client(protocol=protocol, password="wrong", retry=no_retry).get("auth:k")
     proc = proxy.cli("-a", "s3cret", "--no-auth-warning", "GET", "auth:k")
     assert proc.stdout == "v\n", proc
 
@@ -317,6 +320,7 @@ def test_signal_with_idle_clients_exits_zero(redis_server, make_proxy, sig):
     assert subscriber.cmd("SUBSCRIBE", "sh:ch").kind == "*"
     for c in clients:
         assert c.cmd("PING").value == "PONG"
+    time.sleep(0.3)  # well past startup (see test_signal_during_startup_exits_zero for that window)
     proc = proxy.proc
     t0 = time.monotonic()
     proxy.signal(sig)
@@ -326,6 +330,22 @@ def test_signal_with_idle_clients_exits_zero(redis_server, make_proxy, sig):
     for c in clients + [subscriber]:
         assert c.wait_closed(2)
         c.close()
+    assert "Traceback" not in proxy.stderr_text()
+
+
+@proxy_only
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_during_startup_exits_zero(make_proxy, sig):
+    """The proxy already answers clients while it waits for its upstream (here: down); a signal
+    then must still mean a graceful exit 0, not death by the default handler or a traceback."""
+    proxy = make_proxy(f"redis://127.0.0.1:{free_port()}/0", upstream={"connect_timeout": 3.0})
+    with proxy.raw() as c:
+        assert c.cmd("PING").value == "PONG"
+    proc = proxy.proc
+    proxy.signal(sig)
+    rc = proc.wait(10)
+    assert rc == 0, proxy.stderr_text()[-3000:]
     assert "Traceback" not in proxy.stderr_text()
 
 
