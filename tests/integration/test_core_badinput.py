@@ -4,6 +4,7 @@ a clear error (or is dropped); everybody else keeps being served, and the proxy 
 """
 
 import socket
+import threading
 import time
 
 import pytest
@@ -223,3 +224,71 @@ def test_client_that_never_reads_is_throttled(redis_server, make_proxy):
     assert proxy.alive
     assert_serving(proxy)
     assert_no_traceback(proxy)
+
+
+@pytest.mark.timeout(60)
+def test_slow_reader_gets_every_reply_in_order(proxy):
+    """A client that pipelines 3,000 commands (60 MB of replies), reads nothing for a while, then
+    reads: throttling must pause it, never drop or reorder its replies."""
+    value = b"s" * 20_000
+    proxy.redis.client().set("slow:v", value)
+    n = 3000
+    request = b"".join(
+        encode_command("ECHO", f"m{i}") if i % 3 == 0 else encode_command("GET", "slow:v") for i in range(n)
+    )
+    with proxy.raw(timeout=20) as c:
+        sender = threading.Thread(target=c.send, args=(request,), daemon=True)
+        sender.start()
+        time.sleep(1.0)
+        for i in range(n):
+            frame = c.read_frame()
+            expected = f"m{i}".encode() if i % 3 == 0 else value
+            assert frame.value == expected, (i, frame.kind, (frame.value or b"")[:40])
+        sender.join(10)
+        assert c.cmd("PING").value == "PONG"
+    assert_no_traceback(proxy)
+
+
+@pytest.mark.proxy_only
+@pytest.mark.timeout(60)
+def test_non_reading_client_does_not_stall_other_clients(redis_server, make_proxy):
+    """Throttling a client that never reads must not make the shared upstream connections (and so
+    every other client multiplexed on them) wait behind that client's replies, nor pile its replies
+    up in Redis's output buffer for the proxy."""
+    # Guard the machine: Redis drops a connection whose output buffer passes 1 GB.
+    redis_server.client().config_set("client-output-buffer-limit", "normal 1gb 1gb 0")
+    proxy = make_proxy(redis_server, limits={"client_output_soft": 1 << 20})
+    value = b"h" * 20_000
+    redis_server.client().set("hol:big", value)
+    hog = socket.create_connection((proxy.host, proxy.port))
+    hog.setblocking(False)
+    chunk = encode_command("GET", "hol:big") * 1000
+    try:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            try:
+                hog.send(chunk)
+            except BlockingIOError:
+                time.sleep(0.01)
+            except OSError:
+                break
+        # 16 fresh clients of both protocols: between them they use every shared upstream connection
+        slow = []
+        for i in range(16):
+            t0 = time.monotonic()
+            try:
+                with proxy.raw(timeout=5) as c:
+                    if i % 2:
+                        assert c.cmd("HELLO", 3).kind == "%"
+                    assert c.cmd("GET", "hol:big").value == value
+                    assert c.cmd("INCR", "hol:n").value == i + 1
+            except TimeoutError:
+                slow.append((i, "timed out"))
+                continue
+            if time.monotonic() - t0 > 2:
+                slow.append((i, round(time.monotonic() - t0, 1)))
+        upstream_buffers = redis_server.client().info("memory")["used_memory"] / 2**20
+    finally:
+        hog.close()
+    assert not slow, f"clients stalled behind a non-reading client: {slow}"
+    assert upstream_buffers < 512, f"Redis holds {upstream_buffers:.0f} MB of replies for the proxy"

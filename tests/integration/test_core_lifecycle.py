@@ -61,7 +61,17 @@ def test_upstream_killed_then_restarted(redis_server, make_proxy):
     assert r.set("up:k", "1") is True
     held = proxy.raw()
     assert held.cmd("GET", "up:k").value == b"1"
+    in_flight = proxy.raw(timeout=10)
+    in_flight.send(encode_command("DEBUG", "SLEEP", "3") + encode_command("GET", "up:k"))
+    time.sleep(0.3)
     redis_server.kill()
+    # commands that were waiting on the upstream when it died get the documented error, promptly
+    t0 = time.monotonic()
+    for _ in range(2):
+        reply = in_flight.read_frame(timeout=5)
+        assert reply.is_error and reply.value.startswith("ERR upstream unavailable"), reply
+    assert time.monotonic() - t0 < 2.5
+    in_flight.close()
 
     for _ in range(3):
         t0 = time.monotonic()
