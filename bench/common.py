@@ -188,6 +188,7 @@ class CpuWatch:
         self.t0 = time.monotonic()
         self.busy0 = self._machine_busy()
         self.own0 = self._own() + sum(self._proc_cpu(pid) for pid in self.pids)
+        self.procs0 = self._all_procs()
 
     @classmethod
     def _machine_busy(cls) -> float:
@@ -210,6 +211,28 @@ class CpuWatch:
         except OSError:
             return 0.0
         return (int(fields[11]) + int(fields[12])) / cls.TICK  # utime, stime
+
+    @classmethod
+    def _all_procs(cls) -> dict[int, float]:
+        return {int(d): cls._proc_cpu(int(d)) for d in os.listdir("/proc") if d.isdigit()}
+
+    def top_others(self, n: int = 3) -> list[tuple[str, float]]:
+        """The other processes (alive at both ends) that used the most CPU since the start."""
+        mine = {os.getpid(), *self.pids}
+        now = self._all_procs()
+        used = sorted(((now[pid] - cpu0, pid) for pid, cpu0 in self.procs0.items()
+                       if pid in now and pid not in mine), reverse=True)
+        out = []
+        for cpu, pid in used[:n]:
+            if cpu < 1:
+                break
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    name = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                name = "?"
+            out.append((f"{name[:70]} (pid {pid})", cpu))
+        return out
 
     def others(self) -> tuple[float, float]:
         """(CPU-seconds used by other processes since the start, wall seconds elapsed)."""

@@ -413,6 +413,7 @@ def run_all(args) -> str:
         watch = CpuWatch([redis_proc.pid, *(t.proc.pid for t in targets[1:])])
         measure(args, targets, redis_proc, redis_port, res)
         others, wall = watch.others()
+        top_others = watch.top_others()
 
         for t in targets[1:]:
             check_alive(t, res)
@@ -433,6 +434,7 @@ def run_all(args) -> str:
             "machine": machine,
             "machine_after": machine_info()["loadavg"],
             "others_cpu": (others, wall),
+            "top_others": top_others,
             "uvloop": uvloop,
             "configs": configs,
             "nutcracker": nutcracker and first_line([nutcracker, "--version"]).removeprefix("This is "),
@@ -477,8 +479,10 @@ def report(args, res: Results, info: dict) -> str:
     busy = f"{others:.0f} CPU-seconds in {wall:.0f} s ({100 * others / (wall * ncpu):.0f}% of the machine)"
     out.append(f"- other processes used about {busy} during the load phases")
     if others > 0.05 * wall * ncpu:
+        top = "; ".join(f"`{name}` {cpu:.0f} s" for name, cpu in info["top_others"])
         res.notes.append(f"the machine was not idle: other processes used about {busy} while the benchmark "
-                         "ran; treat the figures with care and re-run on a quiet machine")
+                         "ran; treat the figures with care and re-run on a quiet machine"
+                         + (f" (the busiest: {top})" if top else ""))
     out.append(f"- {mi['redis-server']}; {mi['redis-benchmark']}")
     if "proxy" in names:
         out.append(f"- proxy: {info['proxy_python']}, one worker, upstream pool_size {args.pool_size}, "
