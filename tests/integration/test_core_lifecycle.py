@@ -472,3 +472,42 @@ def test_workers_share_the_port(redis_server, tmp_path):
     finally:
         rc = p.stop()
     assert rc == 0, p.stderr_text()[-3000:]
+
+
+@proxy_only
+def test_acl_style_users(redis_server, make_proxy):
+    proxy = make_proxy(redis_server, listen={"users": {"alice": "alice-pw", "bob": "0123"}})
+    with proxy.raw() as c:
+        assert c.cmd("GET", "acl:k").value.startswith("NOAUTH")
+        assert c.cmd("AUTH", "alice", "wrong").is_error
+        assert c.cmd("AUTH", "bob", "alice-pw").is_error
+        assert c.cmd("GET", "acl:k").value.startswith("NOAUTH")
+        assert c.cmd("AUTH", "alice", "alice-pw").value == "OK"
+        assert c.cmd("SET", "acl:k", "v").value == "OK"
+    with proxy.raw() as c:
+        reply = c.cmd("HELLO", 3, "AUTH", "bob", "0123")
+        assert reply.kind == "%", reply
+        assert c.cmd("GET", "acl:k").value == b"v"
+    ok = proxy.client(protocol=2, username="alice", password="alice-pw")
+    assert ok.get("acl:k") == b"v"
+    ok.close()
+
+
+@proxy_only
+def test_upstream_url_with_password_and_db(tmp_path, make_proxy):
+    """upstream.url redis://:pass@host:port/2 : the proxy authenticates upstream and uses db 2."""
+    server = RedisServer(tmp_path / "pw-redis", extra_args=["--requirepass", "up-secret"]).start()
+    try:
+        proxy = make_proxy(f"redis://:up-secret@127.0.0.1:{server.port}/2")
+        for protocol in (2, 3):
+            c = proxy.client(protocol=protocol)  # no AUTH from the client: the proxy has no password
+            assert c.set(f"updb:{protocol}", "x") is True
+            assert c.get(f"updb:{protocol}") == b"x"
+            assert c.dbsize() == protocol - 1
+            c.close()
+        direct = server.client(password="up-secret", db=2)
+        assert direct.get("updb:2") == b"x" and direct.get("updb:3") == b"x"
+        assert server.client(password="up-secret", db=0).dbsize() == 0
+        assert "up-secret" not in proxy.stderr_text(), "the upstream password leaked into the log"
+    finally:
+        server.stop()
