@@ -258,7 +258,7 @@ class Upstream(_Model):
     cluster: bool = Field(False, description="set true when the upstream is a Redis Cluster")
     nodes: list[Annotated[str, AfterValidator(_check_node)]] = Field(default_factory=list,
                              description="list extra cluster seed nodes as \"host:port\" (cluster mode only)")
-    pool_size: int = Field(4, ge=1, le=256,
+    pool_size: int = Field(2, ge=1, le=256,
                            description="set a pool size between 1 and 256 (shared connections per RESP version)")
     connect_timeout: float = Field(2.0, gt=0, description="set seconds to wait for an upstream connection (> 0)")
     command_timeout: float = Field(10.0, gt=0, description="set seconds to wait for an upstream reply (> 0)")
