@@ -61,7 +61,7 @@ def test_defaults():
     assert (cfg.limits.max_inline_len, cfg.limits.client_output_soft) == (65536, 8388608)
     assert (cfg.limits.client_output_hard, cfg.limits.max_inflight) == (268435456, 100000)
     up = cfg.upstream
-    assert (up.url, up.cluster, up.nodes, up.pool_size) == ("redis://127.0.0.1:6379/0", False, [], 4)
+    assert (up.url, up.cluster, up.nodes, up.pool_size) == ("redis://127.0.0.1:6379/0", False, [], 2)
     assert (up.connect_timeout, up.command_timeout, up.read_from) == (2.0, 10.0, "primary")
     assert (up.tls.ca_file, up.tls.verify) == (None, True)
     assert (cfg.admin.enabled, cfg.admin.host, cfg.admin.port) == (True, "127.0.0.1", 9121)
