@@ -20,7 +20,14 @@ import yaml
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tests.fixtures.proxy import DEFAULT_CONFIG, REPO_ROOT, ProxyProcess, deep_merge, encode_command
+from tests.fixtures.proxy import (
+    DEFAULT_CONFIG,
+    REPO_ROOT,
+    START_TIMEOUT,
+    ProxyProcess,
+    deep_merge,
+    encode_command,
+)
 from tests.fixtures.redis_server import RedisServer, free_port
 
 proxy_only = pytest.mark.proxy_only
@@ -511,3 +518,35 @@ def test_upstream_url_with_password_and_db(tmp_path, make_proxy):
         assert "up-secret" not in proxy.stderr_text(), "the upstream password leaked into the log"
     finally:
         server.stop()
+
+
+@proxy_only
+@pytest.mark.timeout(60)
+def test_commands_right_after_startup_reach_a_healthy_upstream(redis_server, tmp_path):
+    """The first command a client sends the moment the proxy accepts connections must not fail
+    with 'upstream unavailable' while Redis is up (the listener opens before the upstream pool is
+    connected, or RESP3 connections lag behind RESP2 ones)."""
+    failures = []
+    for attempt in range(5):
+        p = ProxyProcess(redis_server, tmp_path / f"early{attempt}").start(wait=False)
+        try:
+            deadline = time.monotonic() + START_TIMEOUT
+            while True:  # connect the very moment the port opens
+                assert time.monotonic() < deadline, p.stderr_text()
+                try:
+                    c = p.raw()
+                    break
+                except OSError:
+                    time.sleep(0.001)
+            with c, p.raw() as c3:
+                c3.send_command("HELLO", 3)
+                c.send_command("SET", f"early:{attempt}", "2")
+                c3.send_command("SET", f"early3:{attempt}", "3")
+                assert c3.read_frame().kind == "%"
+                for proto, conn in ((2, c), (3, c3)):
+                    reply = conn.read_frame()
+                    if reply.value != "OK":
+                        failures.append((attempt, proto, reply.value))
+        finally:
+            p.stop()
+    assert not failures, failures
