@@ -61,7 +61,10 @@ class RuntimeRoute:
         if self.encoding == "json":
             return Found(value=to_json(row))
         if self.encoding == "string":
-            return Found(value=to_string(row, self.read.column))
+            try:
+                return Found(value=to_string(row, self.read.column))
+            except ValueError as exc:
+                raise BackendPermanentError(self.backend_name, f"route {self.name!r}: {exc}") from None
         return Found(pairs=to_hash(row))
 
 
