@@ -49,10 +49,10 @@ class RuntimeRoute:
         return await self.backend.fetch(self.spec(params), values)
 
     def encode(self, rows: list[dict]) -> Found:
+        if self.read.many:             # a list query: no rows is an answer ([]), not a missing key
+            return Found(value=to_json(rows))
         if not rows:
             return Found()
-        if self.read.many:
-            return Found(value=to_json(rows))
         if len(rows) > 1:
             raise BackendPermanentError(
                 self.backend_name, f"the read query returned {len(rows)} rows for one key; "
