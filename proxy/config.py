@@ -187,7 +187,7 @@ class Limits(_Model):
     client_output_hard: int = Field(268435456, ge=0,
                                     description="set the bytes of unsent replies at which the client is "
                                                 "disconnected (0 = never)")
-    max_inflight: int = Field(100000, ge=1,
+    max_inflight: int = Field(1024, ge=1,
                               description="set the most commands per client awaiting replies before the proxy "
                                           "stops reading from it (>= 1)")
 

@@ -62,6 +62,10 @@ class Slot:
     def on_reply(self, data) -> None:
         self.session.fill(self, data)
 
+    def partial(self, data, count: int) -> bool:
+        """The first `count` replies of this batch; taken only when they can be written now."""
+        return self.after is None and self.session.fill_partial(self, data, count)
+
 
 class ClientSession(asyncio.Protocol):
     def __init__(self, server: ProxyServer):
@@ -140,10 +144,17 @@ class ClientSession(asyncio.Protocol):
         self.paused.add(reason)
 
     def resume(self, reason: str) -> None:
-        if reason in self.paused:
-            self.paused.discard(reason)
-            if not self.paused and self.transport is not None:
-                self.transport.resume_reading()
+        """Drop a pause reason; once none is left, frames held back go first, then reading resumes."""
+        if reason not in self.paused:
+            return
+        self.paused.discard(reason)
+        if self.paused or self.transport is None:
+            return
+        if self.backlog is not None and self.hold is None:
+            backlog, self.backlog = self.backlog, None
+            self._dispatch(backlog, 0)          # may pause again (in-flight cap, a new hold ...)
+        if not self.paused and self.transport is not None:
+            self.transport.resume_reading()
 
     # -- requests ----------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -159,10 +170,11 @@ class ClientSession(asyncio.Protocol):
             raw = None
         if not frames:
             return
-        if self.hold is not None:               # cannot happen while paused, but stay safe
+        if self.backlog is not None:            # earlier frames still wait: keep the order
             self.backlog.extend(frames)
             return
-        if raw is not None and self.authed and self.pin is None:
+        if raw is not None and self.authed and self.pin is None and \
+                self.inflight + len(frames) <= self.max_inflight:
             # Fast path: every command passes through, so the client's bytes go upstream untouched.
             table = self.table
             for args in frames:
@@ -183,6 +195,9 @@ class ClientSession(asyncio.Protocol):
         n = len(frames)
         table = self.table
         while i < n and self.hold is None and not self.closing:
+            if self.inflight + len(run) >= self.max_inflight:
+                self.pause("inflight")          # the rest waits until replies come back
+                break
             args = frames[i]
             kind = table.get(args[0])
             if kind is None:
@@ -199,7 +214,7 @@ class ClientSession(asyncio.Protocol):
             i = self._command(frames, i, kind)
         if run:
             self.send_shared(b"".join(run), len(run))
-        if i < n and self.hold is not None:
+        if i < n and not self.closing:
             self.backlog = frames[i:]
 
     def _command(self, frames: list, i: int, kind: int) -> int:
@@ -298,11 +313,10 @@ class ClientSession(asyncio.Protocol):
                     out.append(replies.popleft().data)
                 data = b"".join(out)
             transport.write(data)
-            if self.write_paused and self.output_hard and transport.get_write_buffer_size() > self.output_hard:
-                log.warning("client %d: output buffer over %d bytes, disconnecting", self.id, self.output_hard)
-                self.server.stats["output_limit_disconnects"] += 1
-                transport.abort()
-                return
+            if self.write_paused:
+                self._check_output(transport)
+                if self.transport is None:
+                    return
         else:
             slot.data = data
         if self.paused and "inflight" in self.paused and self.inflight <= self.max_inflight // 2:
@@ -312,6 +326,21 @@ class ClientSession(asyncio.Protocol):
                 self.drained.set_result(None)
             if self.closing:
                 self._close_if_done()
+
+    def fill_partial(self, slot: Slot, data, count: int) -> bool:
+        transport = self.transport
+        if transport is None or not self.replies or self.replies[0] is not slot:
+            return False
+        self.inflight -= count
+        transport.write(data)
+        self._check_output(transport)
+        return True
+
+    def _check_output(self, transport) -> None:
+        if self.write_paused and self.output_hard and transport.get_write_buffer_size() > self.output_hard:
+            log.warning("client %d: output buffer over %d bytes, disconnecting", self.id, self.output_hard)
+            self.server.stats["output_limit_disconnects"] += 1
+            transport.abort()
 
     def _close_if_done(self) -> None:
         if self.closing and not self.replies and self.transport is not None:
@@ -343,13 +372,7 @@ class ClientSession(asyncio.Protocol):
             self.closing = True
             self._close_if_done()
         self.hold = None
-        backlog, self.backlog = self.backlog, None
-        if self.transport is None:
-            return
-        if backlog:
-            self._dispatch(backlog, 0)
-        if self.hold is None:
-            self.resume("hold")
+        self.resume("hold")     # continues with the frames that waited for this step
 
     def _start_pin(self, frames: list, i: int) -> int:
         if not self.replies:
@@ -660,6 +683,11 @@ class ProxyServer:
             self._stopping = asyncio.Event()
         self.pool = UpstreamPool(self.cfg.upstream, loop)
         self.pool.start()
+        # Listen only once the upstream had its chance: a sidecar may start before Redis, so an
+        # unreachable upstream does not stop startup, it only delays it by connect_timeout.
+        if not await self.pool.wait_ready(self.cfg.upstream.connect_timeout):
+            log.warning("upstream not reachable yet (%s); serving anyway, reconnecting in the background",
+                        self.pool.last_error)
         if self.cfg.routes:
             await self._start_routes()
         if self.cfg.admin.enabled:
@@ -671,7 +699,6 @@ class ProxyServer:
             lambda: ClientSession(self), listen.host, listen.port,
             reuse_port=listen.reuse_port or None, backlog=1024)
         self._tasks.append(loop.create_task(self._tick()))
-        await self.pool.wait_ready(self.cfg.upstream.connect_timeout)
         log.info("listening on %s:%d, upstream %s", listen.host, listen.port, self.cfg.upstream.redacted_url)
 
     async def _start_routes(self) -> None:

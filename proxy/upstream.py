@@ -25,6 +25,9 @@ from .codec import encode_command, error, parse_reply, scan_replies
 
 log = logging.getLogger("cacheproxy.upstream")
 
+# An incomplete batch whose received part passes this many bytes is delivered reply by reply.
+STREAM_THRESHOLD = 256 * 1024
+
 
 class UpstreamUnavailable(Exception):
     """No usable connection to the upstream Redis; the text says why (never a secret)."""
@@ -42,6 +45,9 @@ class FutureWaiter:
     def on_reply(self, data) -> None:
         if not self.future.done():
             self.future.set_result(bytes(data))
+
+    def partial(self, data, count: int) -> bool:
+        return False
 
     def on_error(self, message: str) -> None:
         if not self.future.done():
@@ -118,10 +124,13 @@ class UpstreamConnection(asyncio.Protocol):
                 left = waiter.count
             cursor, left = scan_replies(buf, cursor, left)
             if left:
+                if cursor - start > STREAM_THRESHOLD and waiter.count > 1:
+                    start = self._stream(waiter, buf, start)
                 break
             waiters.popleft()
-            # Hand out bytes, never the reusable bytearray itself.
-            waiter.on_reply(data if buf is data and start == 0 and cursor == size else bytes(buf[start:cursor]))
+            # Hand out bytes (one copy), never the reusable bytearray itself.
+            waiter.on_reply(data if buf is data and start == 0 and cursor == size
+                            else bytes(memoryview(buf)[start:cursor]))
             start = cursor
         self.left = left
         if start >= size:
@@ -141,6 +150,20 @@ class UpstreamConnection(asyncio.Protocol):
                 del self.buf[:start]
             self.start = 0
             self.cursor = cursor - start
+
+    def _stream(self, waiter, buf, start: int) -> int:
+        """A big batch is still incomplete: hand its complete replies over now, so a pipeline of
+        large values is not held in memory whole. Returns where the undelivered part starts."""
+        end, done = start, 0
+        while done < waiter.count - 1:
+            pos, left = scan_replies(buf, end, 1)
+            if left:
+                break
+            end, done = pos, done + 1
+        if done and waiter.partial(bytes(memoryview(buf)[start:end]), done):
+            waiter.count -= done
+            return end
+        return start
 
     # -- sending -------------------------------------------------------------------------------
     def send(self, data: bytes, waiter) -> None:
@@ -177,7 +200,7 @@ class UpstreamConnection(asyncio.Protocol):
         return await future
 
     def _fail_all(self, message: str) -> None:
-        reply = error(message)
+        reply = error("ERR " + message)
         waiters, self.waiters = self.waiters, deque()
         self.out = []
         self.buf = bytearray()
@@ -218,12 +241,13 @@ class UpstreamPool:
         self._tasks.append(self.loop.create_task(self._watchdog()))
 
     async def wait_ready(self, timeout: float) -> bool:
-        """Wait until at least one shared connection is up (used at startup and by tests)."""
+        """Wait until every shared connection has connected (or `timeout` passed): at startup, so
+        the first clients do not find a healthy upstream "unavailable"."""
         deadline = self.loop.time() + timeout
         while self.loop.time() < deadline:
-            if self.pick(2) is not None:
+            if all(c is not None and c.up for conns in self.shared.values() for c in conns):
                 return True
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.01)
         return False
 
     async def close(self) -> None:

@@ -59,7 +59,7 @@ def test_defaults():
     assert (cfg.listen.max_clients, cfg.listen.idle_timeout, cfg.listen.reuse_port) == (10000, 0, False)
     assert cfg.limits.max_bulk_len == 536870912 and cfg.limits.max_multibulk_len == 2147483647
     assert (cfg.limits.max_inline_len, cfg.limits.client_output_soft) == (65536, 8388608)
-    assert (cfg.limits.client_output_hard, cfg.limits.max_inflight) == (268435456, 100000)
+    assert (cfg.limits.client_output_hard, cfg.limits.max_inflight) == (268435456, 1024)
     up = cfg.upstream
     assert (up.url, up.cluster, up.nodes, up.pool_size) == ("redis://127.0.0.1:6379/0", False, [], 2)
     assert (up.connect_timeout, up.command_timeout, up.read_from) == (2.0, 10.0, "primary")
