@@ -216,6 +216,7 @@ class RequestParser:
 
 _ESCAPES = {ord("n"): b"\n", ord("r"): b"\r", ord("t"): b"\t", ord("b"): b"\b", ord("a"): b"\a"}
 _HEX = b"0123456789abcdefABCDEF"
+_SPACE = b" \t\n\r\f\v"
 
 
 def split_inline(line: bytes) -> list[bytes]:
@@ -223,57 +224,48 @@ def split_inline(line: bytes) -> list[bytes]:
     args: list[bytes] = []
     i, n = 0, len(line)
     while True:
-        while i < n and line[i] in b" \t\n\r\f\v":
+        while i < n and line[i] in _SPACE:
             i += 1
         if i >= n:
             return args
-        cur = bytearray()
+        arg = bytearray()
         quote = 0
         while True:
-            if quote == 0x22:  # inside "double quotes"
-                if i >= n:
+            if i >= n:
+                if quote:
                     raise ProtocolError("unbalanced quotes in request")
-                c = line[i]
-                if c == 0x5C and i + 3 < n and line[i + 1] == 0x78 and line[i + 2] in _HEX and line[i + 3] in _HEX:
-                    cur.append(int(line[i + 2:i + 4], 16))
-                    i += 4
-                    continue
-                if c == 0x5C and i + 1 < n:
-                    cur += _ESCAPES.get(line[i + 1], bytes([line[i + 1]]))
-                    i += 2
-                    continue
-                if c == 0x22:
-                    if i + 1 < n and line[i + 1] not in b" \t\n\r\f\v":
+                break
+            c = line[i]
+            if quote:
+                if c == quote:
+                    if i + 1 < n and line[i + 1] not in _SPACE:
                         raise ProtocolError("unbalanced quotes in request")
                     i += 1
                     break
-                cur.append(c)
-                i += 1
-            elif quote == 0x27:  # inside 'single quotes'
-                if i >= n:
-                    raise ProtocolError("unbalanced quotes in request")
-                c = line[i]
-                if c == 0x5C and i + 1 < n and line[i + 1] == 0x27:
-                    cur.append(0x27)
-                    i += 2
+                if c == 0x5C and i + 1 < n:   # backslash
+                    i, text = _escape(line, i, quote)
+                    arg += text
                     continue
-                if c == 0x27:
-                    if i + 1 < n and line[i + 1] not in b" \t\n\r\f\v":
-                        raise ProtocolError("unbalanced quotes in request")
-                    i += 1
-                    break
-                cur.append(c)
-                i += 1
+                arg.append(c)
+            elif c in _SPACE:
+                break
+            elif c in (0x22, 0x27):
+                quote = c
             else:
-                if i >= n or line[i] in b" \t\n\r\f\v":
-                    break
-                c = line[i]
-                if c in (0x22, 0x27):
-                    quote = c
-                else:
-                    cur.append(c)
-                i += 1
-        args.append(bytes(cur))
+                arg.append(c)
+            i += 1
+        args.append(bytes(arg))
+
+
+def _escape(line: bytes, i: int, quote: int) -> tuple[int, bytes]:
+    """The escape at line[i] (a backslash): "double quotes" know \\xHH, \\n, \\r, \\t, \\b, \\a and
+    escape any other byte; 'single quotes' only \\'. Returns the index after it and its bytes."""
+    following = line[i + 1]
+    if quote == 0x27:
+        return (i + 2, b"'") if following == 0x27 else (i + 1, b"\\")
+    if following == 0x78 and i + 3 < len(line) and line[i + 2] in _HEX and line[i + 3] in _HEX:
+        return i + 4, bytes([int(line[i + 2:i + 4], 16)])
+    return i + 2, _ESCAPES.get(following, bytes([following]))
 
 
 def encode_command(args) -> bytes:

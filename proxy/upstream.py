@@ -167,10 +167,19 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- sending -------------------------------------------------------------------------------
     def send(self, data: bytes, waiter) -> None:
-        """Queue a request (one or more commands) and the waiter for its replies."""
-        if not self.waiters:
+        """Queue a request (one or more commands) and the waiter for its replies.
+
+        An idle connection writes at once: there is nothing to batch with, and waiting a loop turn
+        only adds latency. A busy one batches everything queued during this loop turn into one write.
+        """
+        waiters = self.waiters
+        if not waiters:
             self.progress_at = self.loop.time()
-        self.waiters.append(waiter)
+            if not self.out and self.transport is not None:
+                waiters.append(waiter)
+                self.transport.write(data)
+                return
+        waiters.append(waiter)
         self.out.append(data)
         if not self.flush_scheduled:
             self.flush_scheduled = True
