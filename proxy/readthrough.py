@@ -48,6 +48,7 @@ WRITES_FIRST_KEY = (
 )
 ROUTED_COMMANDS = tuple(SINGLE_READS) + MULTI_READS + WRITES_ALL_KEYS + WRITES_PAIRS + WRITES_FIRST_KEY
 
+UPSTREAM_LOST = b"-ERR upstream unavailable"
 WRONGTYPE = error("WRONGTYPE Operation against a key holding the wrong kind of value")
 
 
@@ -210,6 +211,9 @@ class _Read:
 
     def on_reply(self, data) -> None:
         route = self.route
+        if data.startswith(UPSTREAM_LOST):
+            self.miss(None)       # the upstream died under this read: answer from the backend
+            return
         if self.with_ttl:
             split, _ = scan_replies(data, 0, 1)
             pttl = parse_reply(data[:split])
