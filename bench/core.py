@@ -601,7 +601,7 @@ def main() -> int:
     parser.add_argument("--clients", "-c", type=int, default=50)
     parser.add_argument("--latency-requests", type=int, default=20_000, help="GETs for the 1-client p50")
     parser.add_argument("--idle-clients", type=int, default=1000)
-    parser.add_argument("--pool-size", type=int, default=4, help="the proxy's upstream.pool_size")
+    parser.add_argument("--pool-size", type=int, default=2, help="the proxy's upstream.pool_size")
     parser.add_argument("--targets", default="direct,proxy,twemproxy",
                         help="comma-separated: direct plus any of proxy, twemproxy")
     parser.add_argument("--proxy-args", default="", help="extra arguments for `proxy serve`, e.g. --no-uvloop")
