@@ -64,7 +64,7 @@ print(f"   5 x GET user:99999 -> nil; negative-cache hits so far: {negative:.0f}
 check(negative >= 4, "missing row answered from the negative cache")
 
 step("Everything else passes through unchanged")
-proxy.setex("session:abc", 60, "alice")
+proxy.execute_command("SETEX", "session:abc", 60, "alice")
 pipe = proxy.pipeline()
 pipe.incr("ratelimit:alice")
 pipe.expire("ratelimit:alice", 60)
@@ -74,7 +74,11 @@ check(proxy.get("session:abc") == "alice", "pass-through commands work")
 step("Hit ratio from the proxy's metrics (/metrics on 127.0.0.1:9121)")
 hits = metric("cacheproxy_route_hits_total", "user:{id:int}")
 misses = metric("cacheproxy_route_misses_total", "user:{id:int}")
-print(f"   user:{{id:int}}: {hits:.0f} hits, {misses:.0f} misses, hit ratio {hits / max(hits + misses, 1):.0%}")
+loads = metric("cacheproxy_route_loads_total", "user:{id:int}")
+served = hits + misses
+print(f"   user:{{id:int}}: {served:.0f} reads, {hits:.0f} hits, {misses:.0f} misses of which "
+      f"{negative:.0f} answered by the negative cache; {loads:.0f} Postgres queries "
+      f"(cache hit ratio {(served - loads) / max(served, 1):.0%})")
 
 print()
 if failures:
