@@ -40,6 +40,17 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class _NoTraceback(logging.Filter):
+    """asyncpg logs a full traceback each time it cannot refill its pool while Postgres is down: an
+    expected condition for a sidecar, so keep its one-line warning and drop the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            record.msg = f"{record.msg}: {record.exc_info[1]}"
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def setup_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -49,6 +60,7 @@ def setup_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.getLogger("asyncpg.pool").addFilter(_NoTraceback())
 
 
 def _load(path: str | None):
