@@ -321,3 +321,21 @@ def test_wrong_parameter_count_stops_startup(redis_server, tmp_path, pg):
         p.start()
     p.stop()
     assert "routes[0]" in p.stderr_text() and "parameter" in p.stderr_text()
+
+
+def test_ttl_getex_and_exists_load_a_missing_key(make_proxy, redis_server, pg):
+    p = start(make_proxy, redis_server, pg, [routes_config(pg, ttl={"seconds": 100, "jitter": 0})])
+    c = p.client(protocol=2)
+    assert 95 <= c.ttl("user:21") <= 100                     # TTL of a missing routed key loads it first
+    assert 95_000 <= c.pttl("user:22") <= 100_000
+    assert json.loads(c.getex("user:23", ex=500))["id"] == 23
+    assert 495 <= redis_server.client().ttl("user:23") <= 500  # GETEX's own option applied after the load
+    assert c.exists("user:24", "user:999999", "plain:none") == 1
+    assert c.ttl("user:999998") == -2                        # no such row: Redis' answer for a missing key
+    assert pg.calls() == 6
+
+
+def test_ttl_none_keeps_loaded_keys(make_proxy, redis_server, pg):
+    p = start(make_proxy, redis_server, pg, [routes_config(pg, ttl="none")])
+    p.client().get("user:25")
+    assert redis_server.client().ttl("user:25") == -1
