@@ -24,7 +24,6 @@ import time
 from dataclasses import dataclass
 
 from .backends.base import BackendError, BackendPermanentError
-from .codec import parse_reply
 from .upstream import UpstreamUnavailable
 
 log = logging.getLogger("cacheproxy.loader")
@@ -243,7 +242,3 @@ class Loader:
                 log.error("route %s: %s", route.name, exc)
             raise
 
-
-def parse_pttl(raw: bytes) -> int:
-    value = parse_reply(raw)
-    return value if isinstance(value, int) else -2
