@@ -107,9 +107,9 @@ class Script:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
     async def __call__(self, pool, keys: list, args: list):
-        reply = await pool.execute("EVALSHA", self.sha, len(keys), *keys, *args)
+        reply = await pool.execute("EVALSHA", self.sha, len(keys), *keys, *args, key=keys[0])
         if isinstance(reply, Exception) and str(reply).startswith("NOSCRIPT"):
-            reply = await pool.execute("EVAL", self.source, len(keys), *keys, *args)
+            reply = await pool.execute("EVAL", self.source, len(keys), *keys, *args, key=keys[0])
         if isinstance(reply, Exception):
             raise UpstreamUnavailable(f"script failed: {reply}")
         return reply

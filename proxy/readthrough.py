@@ -102,7 +102,7 @@ class ReadThrough:
         slot = session.new_slot(1)
         with_ttl = ambiguous or route.needs_pttl
         read = _Read(self, session, slot, route, key, params, args, with_ttl)
-        conn = self.pool.pick(session.proto)
+        conn = self.pool.pick(session.proto, key)
         if conn is None:
             read.miss(None)
             return
@@ -185,17 +185,10 @@ class ReadThrough:
         return await self.loader.load(route, key, params)
 
     async def _call(self, proto: int, args):
-        conn = self.pool.pick(proto)
-        if conn is None:
-            raise UpstreamUnavailable(self.pool.last_error)
-        return parse_reply(await conn.call(*args))
+        return await self.pool.execute(*args, proto=proto, key=args[1])
 
     async def _call_many(self, proto: int, commands: list) -> list:
-        conn = self.pool.pick(proto)
-        if conn is None:
-            raise UpstreamUnavailable(self.pool.last_error)
-        futures = [conn.call(*c) for c in commands]
-        return [parse_reply(raw) for raw in await asyncio.gather(*futures)]
+        return list(await asyncio.gather(*(self.pool.execute(*c, proto=proto, key=c[1]) for c in commands)))
 
 
 class _Read:
@@ -258,7 +251,7 @@ class _Read:
                 session.fill(self.slot, backend_error(exc))
             return
         if outcome == Outcome.CACHED:
-            conn = rt.pool.pick(session.proto)
+            conn = rt.pool.pick(session.proto, self.key)
             if conn is not None:
                 try:
                     session.fill(self.slot, await conn.call(*self.args))

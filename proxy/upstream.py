@@ -276,7 +276,8 @@ class UpstreamPool:
         return self.pick(2) is not None
 
     # -- shared connections --------------------------------------------------------------------
-    def pick(self, proto: int) -> UpstreamConnection | None:
+    def pick(self, proto: int, key: bytes | None = None) -> UpstreamConnection | None:
+        """A shared connection, round robin. `key` is ignored here; a cluster pool routes by it."""
         conns = self.shared[proto]
         for _ in range(len(conns)):
             self._rr = (self._rr + 1) % len(conns)
@@ -376,9 +377,10 @@ class UpstreamPool:
         self.dedicated.discard(conn)
 
     # -- the proxy's own commands --------------------------------------------------------------
-    async def execute(self, *args, proto: int = 2):
-        """Run one command on a shared connection; returns the hiredis-parsed reply."""
-        conn = self.pick(proto)
+    async def execute(self, *args, proto: int = 2, key: bytes | None = None):
+        """Run one command on a shared connection; returns the hiredis-parsed reply. `key` names the
+        key that places the command (a cluster pool routes by it; here it is ignored)."""
+        conn = self.pick(proto, key)
         if conn is None:
             raise UpstreamUnavailable(self.last_error)
         return parse_reply(await conn.call(*args))
