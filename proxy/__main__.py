@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file", nargs="?", default=os.environ.get("CACHEPROXY_CONFIG"))
     sub.add_parser("version", help="print the version")
+    from .dlq import add_parser as add_dlq_parser
+    add_dlq_parser(sub)
     return parser
 
 
@@ -115,7 +117,8 @@ def _supervise(args) -> int:
         cmd += ["--config", args.config]
     if args.no_uvloop:
         cmd.append("--no-uvloop")
-    children = [subprocess.Popen(cmd, env=env) for _ in range(args.workers)]
+    # CACHEPROXY_WORKER keeps each worker's write-behind consumer name stable across restarts.
+    children = [subprocess.Popen(cmd, env=dict(env, CACHEPROXY_WORKER=str(i))) for i in range(args.workers)]
 
     def forward(signum, _frame):
         for child in children:
@@ -133,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "version":
         print(f"cacheproxy {__version__}")
         return 0
+    if args.command == "dlq":
+        from .dlq import run as run_dlq
+        return run_dlq(args, os.environ.get("CACHEPROXY_CONFIG"))
     if args.command == "check-config":
         return check_config(args.file)
     return serve(args)

@@ -8,7 +8,7 @@ Kinds (small ints, compared on the hot path):
            state ends (MULTI/WATCH, blocking commands, SELECT n, CLIENT SETNAME)
   RELAY    the connection becomes a byte relay to a dedicated upstream connection until the client
            leaves (pub/sub, MONITOR, CLIENT TRACKING/REPLY: replies no longer pair with requests)
-  DENY     not supported through a proxy (replication handshakes)
+  DENY     not supported through a proxy (replication handshakes, SHUTDOWN)
   ROUTED   a read or write the router may own (only when routes are configured; see router.py)
 """
 
@@ -34,7 +34,7 @@ BLOCKING = frozenset(c.encode() for c in (
 
 RELAY_COMMANDS = ("SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "MONITOR")
 
-DENY_COMMANDS = ("SYNC", "PSYNC", "REPLCONF")
+DENY_COMMANDS = ("SYNC", "PSYNC", "REPLCONF", "SHUTDOWN")   # SHUTDOWN: an app must not stop the shared Redis
 
 # Common commands listed so the hot path finds them with one exact-case dict lookup.
 _COMMON_PASS = (

@@ -450,10 +450,16 @@ class WriteBehind(_Model):
     max_attempts: int = Field(10, ge=1, description="set the tries before a write goes to the dead letters (>= 1)")
     max_pending: int = Field(100000, ge=1, description="set the most unflushed writes before backpressure (>= 1)")
     coalesce: bool = Field(True, description="set false to send every write instead of the last per key")
-    claim_idle_ms: int = Field(30000, ge=1, description="set ms after which another sidecar claims a dead one's "
-                                                        "pending writes (>= 1)")
+    claim_idle_ms: int = Field(15000, ge=100, description="set ms after which another sidecar takes over a dead "
+                                                          "one's partitions and pending writes (>= 100)")
     stream_prefix: str = Field("cacheproxy:wb", min_length=1, description="set the prefix of the queue's Redis "
                                                                         "stream names")
+    partitions: int = Field(16, ge=1, le=1024, description="set how many streams the queue is split into "
+                                                            "(1..1024); a key always uses the same one")
+    retry_base_ms: int = Field(200, ge=1, description="set the first retry delay in ms (doubles per attempt)")
+    retry_max_ms: int = Field(30000, ge=1, description="set the longest retry delay in ms")
+    consumer: str | None = Field(None, description="name this sidecar in the queue's consumer group "
+                                                   "(default: hostname:port; keep it stable across restarts)")
 
 
 class Config(_Model):

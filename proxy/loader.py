@@ -33,7 +33,13 @@ LEASE_MS = 10_000           # longer than any sane backend timeout; a crashed lo
 BUSY_WAIT_S = 1.0           # how long a proxy waits for another proxy's fill before loading itself
 REFRESH_GUARD_S = 1.0       # at most one refresh-ahead attempt per key per second from this proxy
 
+# KEYS: key, lease, neg, pend. A key with an unflushed write-behind entry (pend) is never loaded:
+# the cache holds the newest value, or the key waits to be deleted in the database.
 _BEGIN = """
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  if redis.call('EXISTS', KEYS[1]) == 1 then return 'HIT' end
+  return 'NEG'
+end
 if ARGV[3] == 'miss' then
   if redis.call('EXISTS', KEYS[3]) == 1 then return 'NEG' end
   if redis.call('EXISTS', KEYS[1]) == 1 then return 'HIT' end
@@ -188,7 +194,7 @@ class Loader:
             del self.flights[key]
 
     async def _load(self, route, key: bytes, params: dict, refresh: bool) -> tuple[str, Found | None]:
-        keys = [key, companion("lease", key), companion("neg", key)]
+        keys = [key, companion("lease", key), companion("neg", key), companion("pend", key)]
         token = os.urandom(8).hex()
         try:
             status = await BEGIN(self.pool, keys, [token, LEASE_MS, "refresh" if refresh else "miss"])
@@ -216,7 +222,7 @@ class Loader:
             route.stats.not_found += 1
             kind, payload, ttl = "neg", [], ttl_ms(route.ttl, negative=True)
         try:
-            await FILL(self.pool, keys, [token, kind, ttl, "1" if refresh else "0", *payload])
+            await FILL(self.pool, keys[:3], [token, kind, ttl, "1" if refresh else "0", *payload])
         except UpstreamUnavailable:
             return Outcome.DIRECT, found
         return Outcome.CACHED, found

@@ -17,7 +17,7 @@ class RouteStats:
     """Counters for one route, bumped by the read-through and write paths."""
 
     __slots__ = ("hits", "misses", "negative_hits", "loads", "load_errors", "singleflight_joins",
-                 "refresh_ahead", "stale_served", "not_found", "writes", "write_errors")
+                 "refresh_ahead", "stale_served", "not_found", "writes", "write_errors", "queue_full")
 
     def __init__(self):
         for name in self.__slots__:

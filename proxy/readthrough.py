@@ -61,10 +61,11 @@ def write_keys(name: bytes, args: list[bytes]) -> list[bytes]:
 
 
 class ReadThrough:
-    def __init__(self, router, pool, loader: Loader):
+    def __init__(self, router, pool, loader: Loader, writes=None):
         self.router = router
         self.pool = pool
         self.loader = loader
+        self.writes = writes      # writes.Writes: routes with write-behind / write-through
         self.prefixes = router.prefixes   # bytes.startswith(tuple): the cheap first test
 
     def owns(self, name: bytes, args: list[bytes]) -> bool:
@@ -82,15 +83,20 @@ class ReadThrough:
         return any(key.startswith(prefixes) and match(key) is not None for key in keys)
 
     # -- dispatch from the session -------------------------------------------------------------------
-    def handle(self, session, args: list[bytes]) -> None:
-        """The session found a routed command it owns (owns() was true): answer it in order."""
+    def handle(self, session, frames: list, i: int) -> int:
+        """The session found a routed command it owns (owns() was true): answer frames[i] in order.
+        Returns the index of the next frame to dispatch (a write holds the rest until it is done)."""
+        args = frames[i]
         name = args[0].upper()
         if name in SINGLE_READS:
             self._single(session, name, args)
         elif name in MULTI_READS:
             self._multi(session, name, args)
+        elif self.writes is not None and self.writes.handles(name, args):
+            return self.writes.start(session, frames, i)
         else:
             self._write(session, name, args)
+        return i + 1
 
     def _single(self, session, name: bytes, args: list[bytes]) -> None:
         key = args[1]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from .backends.base import BackendError, BackendPermanentError, ReadSpec
+from .backends.base import BackendError, BackendPermanentError, ReadSpec, WriteSpec
 from .encoding import to_hash, to_json, to_string
 from .loader import Found
 from .router import Router, compile_template, fill
@@ -32,7 +32,10 @@ class RuntimeRoute:
         # Hits need the remaining TTL only for refresh-ahead and stale-if-error.
         self.needs_pttl = bool(self.ttl.refresh_ahead or self.ttl.stale_if_error)
         self.stats = metrics.route(self.name)
-        self.write = cfg_route.write
+        write = cfg_route.write
+        self.write = write if write is not None and write.mode != "read-only" else None
+        self.read_only = write is not None and write.mode == "read-only"
+        self.write_spec = write_spec(cfg_route) if self.write is not None else None
 
     def spec(self, params: dict) -> ReadSpec:
         read = self.read
@@ -68,6 +71,26 @@ class RuntimeRoute:
         return Found(pairs=to_hash(row))
 
 
+def write_spec(cfg_route) -> WriteSpec:
+    """What the backend needs to write a route's keys; table mode generates the SQL."""
+    write, read = cfg_route.write, cfg_route.read
+    key_params = list(compile_template(cfg_route.key).params)
+    spec = WriteSpec(route=cfg_route.key, key_params=key_params, upsert=write.upsert,
+                     delete=write.delete, fields=write.fields, version_attribute=write.version_attribute)
+    if write.table is not None:
+        keys, fields = write.key_columns, write.fields
+        columns = ", ".join(keys + fields)
+        values = ", ".join(f"${n}" for n in range(1, len(keys) + len(fields) + 1))
+        updates = ", ".join(f"{f} = EXCLUDED.{f}" for f in fields)
+        spec.upsert = (f"INSERT INTO {write.table} ({columns}) VALUES ({values}) "
+                       f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {updates}")
+        spec.delete = f"DELETE FROM {write.table} WHERE " + " AND ".join(
+            f"{k} = ${n}" for n, k in enumerate(keys, 1))
+    if read is not None and read.table is not None:       # dynamodb: the item the read names
+        spec.table, spec.key = read.table, read.key
+    return spec
+
+
 async def start_backends(cfg) -> dict:
     """Create and start every configured backend. An unreachable backend does not stop the proxy:
     its routes answer with `backend unavailable` errors until it comes back."""
@@ -98,5 +121,12 @@ async def build_router(cfg, backends: dict, metrics) -> Router:
             raise StartupError(f"routes[{index}] ({cfg_route.key}): {exc}") from None
         except BackendError as exc:
             log.warning("routes[%d] (%s): cannot check the read spec now: %s", index, cfg_route.key, exc)
+        if route.write_spec is not None:
+            try:
+                await route.backend.check_write(route.write_spec)
+            except BackendPermanentError as exc:
+                raise StartupError(f"routes[{index}] ({cfg_route.key}) write: {exc}") from None
+            except BackendError as exc:
+                log.warning("routes[%d] (%s): cannot check the write spec now: %s", index, cfg_route.key, exc)
         routes.append(route)
     return Router(routes)

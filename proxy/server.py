@@ -242,8 +242,7 @@ class ClientSession(asyncio.Protocol):
         if kind == RELAY:
             return self._start_relay(frames, i)
         if kind == ROUTED:
-            self.server.readthrough.handle(self, args)
-            return i + 1
+            return self.server.readthrough.handle(self, frames, i)
         if kind == PIN:
             if name == b"MULTI":
                 end = _transaction_end(frames, i, self.table)
@@ -655,6 +654,7 @@ class ProxyServer:
         self.metrics.server = self
         self.backends: dict = {}
         self.readthrough = None
+        self.writer = None          # the write-behind flusher, when a route writes behind
         self.admin = None
         self.listener: asyncio.base_events.Server | None = None
         self.clock = 0.0
@@ -708,7 +708,16 @@ class ProxyServer:
         from .routes import build_router, start_backends
         self.backends = await start_backends(self.cfg)
         router = await build_router(self.cfg, self.backends, self.metrics)
-        self.readthrough = ReadThrough(router, self.pool, Loader(self.pool, self.metrics))
+        loader = Loader(self.pool, self.metrics)
+        writes = None
+        if any(route.write is not None or route.read_only for route in router.routes):
+            from .writer import Writer, consumer_name
+            from .writes import Writes
+            if any(route.write is not None and route.write.mode == "write-behind" for route in router.routes):
+                self.writer = Writer(self.pool, router, self.cfg, self.metrics, consumer_name(self.cfg))
+                self.writer.start()
+            writes = Writes(router, self.pool, loader, self.cfg.write_behind, self.metrics, self.writer)
+        self.readthrough = ReadThrough(router, self.pool, loader, writes)
         table = dict(_TABLE)
         for name in ROUTED_COMMANDS:
             table[name] = table[name.lower()] = ROUTED
@@ -775,6 +784,8 @@ class ProxyServer:
         for session in list(self.sessions):
             if session.transport is not None:
                 session.transport.close()
+        if self.writer is not None:      # flush what is queued, within what is left of the grace period
+            await self.writer.close(max(deadline, loop.time() + 1.0))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,4 +1,4 @@
-"""The backend protocol: what the loader (and later the writer) needs from a database.
+"""The backend protocol: what the loader and the writer need from a database.
 
 A backend knows nothing of RESP or of the cache. Errors split into transient ones (retry later:
 connection lost, timeout, throttling) and permanent ones (the request itself is wrong); neither ever
@@ -44,6 +44,29 @@ class ReadSpec:
     consistent_read: bool = False
 
 
+@dataclass
+class WriteSpec:
+    """How one route's keys are written; built once per route from its `write` config."""
+    route: str
+    key_params: list[str]                # template parameters, in order ($1..$k / key attributes)
+    upsert: str | None = None            # postgres: SQL, key params then `fields`
+    delete: str | None = None            # postgres
+    fields: list[str] | None = None      # postgres: value fields bound after the key params (None: the whole value)
+    table: str | None = None             # dynamodb
+    key: dict[str, str] | None = None    # dynamodb: attribute -> template
+    version_attribute: str | None = None
+
+
+@dataclass
+class WriteOp:
+    """One write to apply: an upsert of `fields` or a delete, for the key's parameters."""
+    op: str                              # "upsert" | "delete"
+    params: dict                         # the key's template parameters (typed)
+    fields: dict | None = None           # upsert: column/attribute -> value (JSON types, or str for hashes)
+    whole: object = None                 # upsert without `fields`: the value bound as one parameter
+    version: int = 0                     # grows with every write of a key (from the queue entry id)
+
+
 class Backend(Protocol):
     name: str
 
@@ -58,3 +81,11 @@ class Backend(Protocol):
 
     async def fetch(self, spec: ReadSpec, params: list) -> list[dict]:
         """The rows/items for one key; an empty list means not found."""
+
+    async def check_write(self, spec: WriteSpec) -> None:
+        """Startup validation of a route's write statements; BackendPermanentError when they cannot work."""
+
+    async def write_batch(self, spec: WriteSpec, ops: list[WriteOp]) -> list[BackendError | None]:
+        """Apply `ops` (at most one per key unless the caller keeps order itself); one result per op:
+        None when it landed, a BackendPermanentError for a row that can never land. Raises
+        BackendUnavailable when the whole batch should be retried later."""

@@ -7,7 +7,9 @@ from the table's attribute definitions, read once per table.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import random
 import re
 from decimal import Decimal
 
@@ -15,7 +17,8 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from .base import BackendPermanentError, BackendUnavailable, ReadSpec
+from ..router import fill
+from .base import BackendError, BackendPermanentError, BackendUnavailable, ReadSpec, WriteOp, WriteSpec
 
 _TRANSIENT_CODES = {"ProvisionedThroughputExceededException", "ThrottlingException", "RequestLimitExceeded",
                     "InternalServerError", "ServiceUnavailable", "LimitExceededException"}
@@ -112,6 +115,85 @@ class DynamoBackend:
     async def ping(self) -> None:
         await self._call("list_tables", Limit=1)
 
+    # -- writes ------------------------------------------------------------------------------------
+    async def check_write(self, spec: WriteSpec) -> None:
+        await self.check_read(ReadSpec(table=spec.table, key=spec.key))
+
+    def _item_key(self, spec: WriteSpec, op: WriteOp, types: dict) -> dict:
+        return {attr: _typed(fill(template, op.params), types.get(attr, "S"))
+                for attr, template in spec.key.items()}
+
+    def _item(self, spec: WriteSpec, op: WriteOp, types: dict) -> dict:
+        item = {name: to_dynamo(value) for name, value in (op.fields or {}).items()}
+        item.update(self._item_key(spec, op, types))    # the key attributes always come from the key
+        if spec.version_attribute:
+            item[spec.version_attribute] = {"N": str(op.version)}
+        return item
+
+    async def write_batch(self, spec: WriteSpec, ops: list[WriteOp]) -> list[BackendError | None]:
+        """BatchWriteItem in chunks of 25 (UnprocessedItems retried), or, with a version attribute,
+        conditional PutItem/DeleteItem per key: a write older than the stored version is skipped,
+        so a replayed queue entry can never roll a newer item back."""
+        types = await self._attribute_types(spec.table)
+        requests = []
+        try:
+            for op in ops:
+                if op.op == "upsert":
+                    requests.append({"PutRequest": {"Item": self._item(spec, op, types)}})
+                else:
+                    requests.append({"DeleteRequest": {"Key": self._item_key(spec, op, types)}})
+        except (ValueError, TypeError) as exc:
+            return [BackendPermanentError(self.name, f"cannot build the item: {exc}")] * len(ops)
+        if spec.version_attribute:
+            return list(await asyncio.gather(*(self._conditional(spec, op, r) for op, r in zip(ops, requests,
+                                                                                                strict=True))))
+        results: list[BackendError | None] = []
+        for start in range(0, len(requests), 25):
+            results += await self._batch(spec.table, requests[start:start + 25])
+        return results
+
+    async def _batch(self, table: str, chunk: list) -> list[BackendError | None]:
+        pending = chunk
+        for attempt in range(8):
+            try:
+                reply = await self._call("batch_write_item", RequestItems={table: pending})
+            except BackendPermanentError:
+                if len(chunk) == 1:
+                    raise
+                # One bad item fails the whole call: write them one by one to find it.
+                return [await self._single(table, request) for request in chunk]
+            pending = reply.get("UnprocessedItems", {}).get(table, [])
+            if not pending:
+                return [None] * len(chunk)
+            await asyncio.sleep(min(2.0, 0.05 * 2 ** attempt) * (0.5 + random.random()))
+        raise BackendUnavailable(self.name, f"{len(pending)} items stayed unprocessed (throttled)")
+
+    async def _single(self, table: str, request: dict) -> BackendError | None:
+        try:
+            if "PutRequest" in request:
+                await self._call("put_item", TableName=table, Item=request["PutRequest"]["Item"])
+            else:
+                await self._call("delete_item", TableName=table, Key=request["DeleteRequest"]["Key"])
+        except BackendPermanentError as exc:
+            return exc
+        return None
+
+    async def _conditional(self, spec: WriteSpec, op: WriteOp, request: dict) -> BackendError | None:
+        condition = {"ConditionExpression": "attribute_not_exists(#v) OR #v < :v",
+                     "ExpressionAttributeNames": {"#v": spec.version_attribute},
+                     "ExpressionAttributeValues": {":v": {"N": str(op.version)}}}
+        try:
+            if "PutRequest" in request:
+                await self._call("put_item", TableName=spec.table, Item=request["PutRequest"]["Item"], **condition)
+            else:
+                await self._call("delete_item", TableName=spec.table, Key=request["DeleteRequest"]["Key"],
+                                 **condition)
+        except BackendPermanentError as exc:
+            if "ConditionalCheckFailed" in str(exc):
+                return None      # the table already holds a newer version of this key
+            return exc
+        return None
+
 
 def _placeholder_attributes(condition: str) -> dict[str, str]:
     """':pk' -> 'PK' for conditions like 'PK = :pk AND begins_with(SK, :prefix)'."""
@@ -131,6 +213,25 @@ def _typed(value, kind: str) -> dict:
     if kind == "B":
         return {"B": value if isinstance(value, bytes) else base64.b64decode(str(value))}
     return {"S": str(value)}
+
+
+def to_dynamo(value) -> dict:
+    """A JSON value (or hash field text) as a DynamoDB attribute value."""
+    if value is None:
+        return {"NULL": True}
+    if isinstance(value, bool):
+        return {"BOOL": value}
+    if isinstance(value, (int, float, Decimal)):
+        return {"N": str(value)}
+    if isinstance(value, bytes):
+        return {"S": value.decode()}
+    if isinstance(value, str):
+        return {"S": value}
+    if isinstance(value, dict):
+        return {"M": {str(k): to_dynamo(v) for k, v in value.items()}}
+    if isinstance(value, (list, tuple)):
+        return {"L": [to_dynamo(v) for v in value]}
+    raise TypeError(f"cannot store a {type(value).__name__} in DynamoDB")
 
 
 def from_dynamo(item: dict) -> dict:

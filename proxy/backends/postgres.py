@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import json
+import uuid
+from decimal import Decimal
 
 import asyncpg
 
-from .base import BackendPermanentError, BackendUnavailable, ReadSpec
+from .base import BackendError, BackendPermanentError, BackendUnavailable, ReadSpec, WriteOp, WriteSpec
 
 # SQLSTATE classes that mean "try again later": connection exceptions (08), insufficient
 # resources (53), operator intervention (57: admin shutdown, cannot connect now, statement timeout).
@@ -20,6 +24,7 @@ class PostgresBackend:
         self.cfg = cfg
         self.pool: asyncpg.Pool | None = None
         self._starting: asyncio.Lock = asyncio.Lock()
+        self._param_types: dict[str, list[str]] = {}   # SQL -> its parameters' type names
 
     async def start(self) -> None:
         async with self._starting:
@@ -80,3 +85,107 @@ class PostgresBackend:
 
     async def ping(self) -> None:
         await self._run(lambda conn: conn.fetchval("SELECT 1"))
+
+    # -- writes ------------------------------------------------------------------------------------
+    async def _types(self, conn, sql: str) -> list[str]:
+        types = self._param_types.get(sql)
+        if types is None:
+            statement = await conn.prepare(sql)
+            types = self._param_types[sql] = [t.name for t in statement.get_parameters()]
+        return types
+
+    async def check_write(self, spec: WriteSpec) -> None:
+        bound = len(spec.key_params) + (len(spec.fields) if spec.fields is not None else 1)
+        for label, sql, expected in (("upsert", spec.upsert, bound), ("delete", spec.delete, len(spec.key_params))):
+            if sql is None:
+                continue
+            types = await self._run(lambda conn, sql=sql: self._types(conn, sql))
+            if len(types) != expected:
+                raise BackendPermanentError(
+                    self.name, f"write.{label} expects {len(types)} parameters but the route binds {expected} "
+                    f"(key: {', '.join(spec.key_params)}"
+                    + (f"; fields: {', '.join(spec.fields)}" if label == "upsert" and spec.fields else "")
+                    + "); fix: one $n per key parameter, then one per field")
+
+    def _args(self, spec: WriteSpec, op: WriteOp, types: list[str]) -> list:
+        values = [op.params[name] for name in spec.key_params]
+        if op.op == "upsert":
+            if spec.fields is None:
+                values.append(op.whole)
+            else:
+                values += [op.fields.get(name) for name in spec.fields]
+        try:
+            return [_coerce(v, t) for v, t in zip(values, types, strict=True)]
+        except (ValueError, TypeError, ArithmeticError) as exc:
+            raise BackendPermanentError(self.name, f"cannot bind the value: {exc}") from None
+
+    async def write_batch(self, spec: WriteSpec, ops: list[WriteOp]) -> list[BackendError | None]:
+        """One transaction for the batch (consecutive ops of one kind go through executemany). When a
+        row is refused, each op is retried on its own so only the poison rows fail."""
+        async def apply(conn, ops=ops):
+            async with conn.transaction():
+                run: list = []
+                for index, op in enumerate(ops):
+                    run.append(op)
+                    if index + 1 == len(ops) or ops[index + 1].op != op.op:
+                        sql = spec.upsert if op.op == "upsert" else spec.delete
+                        types = await self._types(conn, sql)
+                        await conn.executemany(sql, [self._args(spec, o, types) for o in run])
+                        run = []
+        try:
+            await self._run(apply)
+            return [None] * len(ops)
+        except BackendPermanentError as exc:
+            if len(ops) == 1:
+                return [exc]
+        results: list[BackendError | None] = []
+        for op in ops:
+            try:
+                await self._run(lambda conn, op=op: apply(conn, [op]))
+                results.append(None)
+            except BackendPermanentError as exc:
+                results.append(exc)
+        return results
+
+
+def _coerce(value, type_name: str):
+    """A JSON value (or hash field text) as the Python type asyncpg expects for the parameter."""
+    if value is None:
+        return None
+    if type_name == "bytea":
+        return value if isinstance(value, bytes) else str(value).encode()
+    if isinstance(value, bytes):
+        value = value.decode()
+    if type_name in ("int2", "int4", "int8", "oid"):
+        return int(value)
+    if type_name in ("float4", "float8"):
+        return float(value)
+    if type_name == "numeric":
+        return Decimal(str(value))
+    if type_name == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("t", "true", "1", "yes", "on"):
+            return True
+        if text in ("f", "false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{value!r} is not a boolean")
+    if type_name in ("json", "jsonb"):
+        return value if isinstance(value, str) else json.dumps(value, default=str)
+    if type_name == "uuid":
+        return uuid.UUID(str(value))
+    if type_name == "date":
+        return value if isinstance(value, datetime.date) else datetime.date.fromisoformat(str(value))
+    if type_name in ("timestamp", "timestamptz"):
+        if isinstance(value, datetime.datetime):
+            return value
+        parsed = datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        if type_name == "timestamptz" and parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=datetime.UTC)
+        return parsed
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, default=str)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)

@@ -70,7 +70,8 @@ def test_defaults():
     assert cfg.backends == {} and cfg.routes == []
     wb = cfg.write_behind
     assert (wb.batch_size, wb.max_delay_ms, wb.max_attempts, wb.max_pending) == (100, 200, 10, 100000)
-    assert (wb.coalesce, wb.claim_idle_ms, wb.stream_prefix) == (True, 30000, "cacheproxy:wb")
+    assert (wb.coalesce, wb.claim_idle_ms, wb.stream_prefix) == (True, 15000, "cacheproxy:wb")
+    assert (wb.partitions, wb.retry_base_ms, wb.retry_max_ms, wb.consumer) == (16, 200, 30000, None)
 
 
 def test_none_and_empty_file_give_defaults(tmp_path):

@@ -1,0 +1,424 @@
+"""The write-behind flusher: takes queued writes from the partition streams to the databases.
+
+Each sidecar heartbeats into a members set and owns at most its fair share of the partitions
+(ceil(partitions / live sidecars)) through leases. An owner reads its partition through the consumer
+group (its own pending entries first: they are what it, or a dead owner whose entries it claimed,
+read but never acknowledged), waits up to `max_delay_ms` for a batch to fill, keeps only each key's
+last write (`coalesce`), and writes each route's share with one backend batch. Landed entries are
+acknowledged and deleted, and their keys get their TTL back (wbqueue.DONE). A database that is down
+or slow is retried with exponential backoff and jitter, the partition waiting in order; a row the
+database refuses (or a batch still failing after `max_attempts`) goes to the dead letters with its
+error, and its cached value is dropped so reads see what the database holds.
+
+A sidecar that dies leaves its leases to expire (`claim_idle_ms`); whoever takes its partitions
+claims its pending entries (XAUTOCLAIM) and replays them. Backend writes are idempotent (upserts,
+deletes, DynamoDB puts conditional on a version), so a replay is harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import random
+import socket
+import time
+
+from prometheus_client import Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from .backends.base import BackendError, WriteOp
+from .encoding import from_hash, from_json
+from .loader import companion, ttl_ms
+from .upstream import UpstreamUnavailable
+from .wbqueue import (
+    CLAIM,
+    DONE,
+    GROUP,
+    RELEASE,
+    Entry,
+    dead_name,
+    entry_age_ms,
+    entry_version,
+    members_name,
+    owner_name,
+    stream_name,
+)
+
+log = logging.getLogger("cacheproxy.writer")
+
+BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+FLUSH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+DEAD_MAXLEN = 100_000
+
+
+def consumer_name(cfg) -> str:
+    """Stable across restarts of the same sidecar, so a restarted one resumes its own partitions at once."""
+    if cfg.write_behind.consumer:
+        return cfg.write_behind.consumer
+    worker = os.environ.get("CACHEPROXY_WORKER")
+    name = f"{socket.gethostname()}:{cfg.listen.port}"
+    return f"{name}:{worker}" if worker else name
+
+
+class Writer:
+    def __init__(self, pool, router, cfg, metrics, name: str):
+        self.pool = pool
+        self.router = router
+        self.cfg = cfg.write_behind
+        self.name = name
+        self.metrics = metrics
+        self.owned: set[int] = set()
+        self.live = 1
+        self.pending = 0
+        self.lag_s = 0.0
+        self.dead_letters = 0
+        self.counts: dict[tuple[str, str], int] = {}      # (route, landed|dead|retry) -> n
+        self._events = [asyncio.Event() for _ in range(self.cfg.partitions)]
+        self._tasks: list[asyncio.Task] = []
+        self._stopping = False
+        self.batch_size = Histogram("cacheproxy_writebehind_batch_size", "Writes per backend batch",
+                                    ["backend"], buckets=BATCH_BUCKETS, registry=metrics.registry)
+        self.flush_seconds = Histogram("cacheproxy_writebehind_flush_seconds", "Backend batch write latency",
+                                       ["backend"], buckets=FLUSH_BUCKETS, registry=metrics.registry)
+        metrics.extra_collectors.append(self.collect)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._heartbeat()), loop.create_task(self._monitor())]
+        self._tasks += [loop.create_task(self._partition(p)) for p in range(self.cfg.partitions)]
+
+    def notify(self, partition: int) -> None:
+        self._events[partition].set()
+
+    def reconfigure(self, cfg, router) -> None:
+        """A reload: new routes and batch settings apply from the next batch (partitions cannot change)."""
+        self.router = router
+        partitions = self.cfg.partitions
+        self.cfg = cfg.write_behind.model_copy(update={"partitions": partitions})
+        if cfg.write_behind.partitions != partitions:
+            log.warning("write_behind.partitions changes only on restart (keeping %d)", partitions)
+
+    async def close(self, deadline: float) -> None:
+        """SIGTERM: flush what is already queued until `deadline` (loop time); the rest stays queued."""
+        self._stopping = True
+        for event in self._events:
+            event.set()
+        loop = asyncio.get_running_loop()
+        partition_tasks = self._tasks[2:]
+        if partition_tasks:
+            await asyncio.wait(partition_tasks, timeout=max(0.0, deadline - loop.time()))
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            for p in list(self.owned):
+                await RELEASE(self.pool, [owner_name(self.cfg.stream_prefix, p)], [self.name])
+            await self.pool.execute(b"ZREM", members_name(self.cfg.stream_prefix), self.name)
+        except UpstreamUnavailable:
+            pass
+        self.owned.clear()
+
+    # -- membership and ownership ------------------------------------------------------------------
+    async def _heartbeat(self) -> None:
+        members = members_name(self.cfg.stream_prefix)
+        while True:
+            try:
+                now = int(time.time() * 1000)
+                await self.pool.execute(b"ZADD", members, now, self.name, key=members)
+                await self.pool.execute(b"ZREMRANGEBYSCORE", members, "-inf", now - self.cfg.claim_idle_ms,
+                                        key=members)
+                self.live = max(1, int(await self.pool.execute(b"ZCARD", members, key=members)))
+            except UpstreamUnavailable:
+                pass
+            except Exception:
+                log.exception("write-behind heartbeat failed")
+            await asyncio.sleep(min(1.0, self.cfg.claim_idle_ms / 3000))
+
+    @property
+    def share(self) -> int:
+        return math.ceil(self.cfg.partitions / self.live)
+
+    async def _claim(self, partition: int) -> bool:
+        """Take or renew the partition's lease. A new owner claims every pending entry of the stream:
+        while the lease was free, nobody else may be flushing it."""
+        owner = owner_name(self.cfg.stream_prefix, partition)
+        if partition not in self.owned and len(self.owned) >= self.share:
+            return False
+        if not await CLAIM(self.pool, [owner], [self.name, self.cfg.claim_idle_ms]):
+            self.owned.discard(partition)
+            return False
+        if partition not in self.owned:
+            stream = stream_name(self.cfg.stream_prefix, partition)
+            reply = await self.pool.execute(b"XGROUP", b"CREATE", stream, GROUP, b"0", b"MKSTREAM", key=stream)
+            if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
+                raise UpstreamUnavailable(str(reply))
+            cursor = b"0-0"
+            while True:
+                reply = await self.pool.execute(b"XAUTOCLAIM", stream, GROUP, self.name, 0, cursor,
+                                                b"COUNT", 1000, b"JUSTID", key=stream)
+                if isinstance(reply, Exception):
+                    raise UpstreamUnavailable(str(reply))
+                cursor = reply[0]
+                if cursor in (b"0-0", "0-0"):
+                    break
+            self.owned.add(partition)
+            log.debug("write-behind: now flushing partition %d", partition)
+        return True
+
+    # -- one partition -----------------------------------------------------------------------------
+    async def _partition(self, partition: int) -> None:
+        idle = min(1.0, self.cfg.claim_idle_ms / 3000)
+        while not self._stopping:
+            try:
+                if await self._claim(partition):
+                    await self._drain(partition)
+                    continue
+            except UpstreamUnavailable:
+                pass
+            except Exception:
+                log.exception("write-behind partition %d failed", partition)
+            await self._wait(partition, idle * (0.5 + random.random()))
+        if partition in self.owned:        # shutting down: one last pass over what is queued
+            try:
+                await self._drain(partition)
+            except Exception as exc:
+                log.warning("write-behind partition %d: final flush stopped: %s", partition, exc)
+
+    async def _wait(self, partition: int, seconds: float) -> None:
+        event = self._events[partition]
+        try:
+            await asyncio.wait_for(event.wait(), max(0.0, seconds))
+        except TimeoutError:
+            pass
+        event.clear()
+
+    async def _drain(self, partition: int) -> None:
+        """Flush batches while this sidecar owns the partition; returns when it should re-check."""
+        stream = stream_name(self.cfg.stream_prefix, partition)
+        renew_every = self.cfg.claim_idle_ms / 3000
+        renewed = time.monotonic()
+        history = True          # own pending entries first (after a restart or a claim), then new ones
+        poll = min(0.25, renew_every)
+        while True:
+            if time.monotonic() - renewed > renew_every:
+                if self._stopping:
+                    pass
+                elif not await self._claim(partition):
+                    log.warning("write-behind: lost partition %d", partition)
+                    return
+                renewed = time.monotonic()
+            if not self._stopping and len(self.owned) > self.share:
+                await self._release(partition)
+                return
+            cfg = self.cfg
+            entries = await self._read(stream, b"0" if history else b">", cfg.batch_size)
+            if history and not entries:
+                history = False
+                continue
+            if not entries:
+                if self._stopping:
+                    return
+                await self._wait(partition, poll)
+                continue
+            if not history and not self._stopping and len(entries) < cfg.batch_size and cfg.max_delay_ms:
+                due = int(entries[0][0].partition(b"-")[0]) + cfg.max_delay_ms
+                while len(entries) < cfg.batch_size:
+                    left = due - time.time() * 1000
+                    if left <= 0:
+                        break
+                    await self._wait(partition, min(left / 1000, poll))
+                    entries += await self._read(stream, b">", cfg.batch_size - len(entries))
+            await self._flush(stream, entries)
+            if history:
+                continue
+
+    async def _release(self, partition: int) -> None:
+        await RELEASE(self.pool, [owner_name(self.cfg.stream_prefix, partition)], [self.name])
+        self.owned.discard(partition)
+        log.info("write-behind: handed partition %d over (fair share is %d)", partition, self.share)
+
+    async def _read(self, stream: bytes, start: bytes, count: int) -> list:
+        reply = await self.pool.execute(b"XREADGROUP", b"GROUP", GROUP, self.name, b"COUNT", count,
+                                        b"STREAMS", stream, start, key=stream)
+        if isinstance(reply, Exception):
+            if "NOGROUP" in str(reply):
+                self.owned.clear()        # the stream was deleted (FLUSHALL): claim again, recreating it
+            raise UpstreamUnavailable(str(reply))
+        if not reply:
+            return []
+        if isinstance(reply, dict):       # RESP3 map
+            reply = list(reply.items())
+        return list(reply[0][1])
+
+    # -- one batch ---------------------------------------------------------------------------------
+    async def _flush(self, stream: bytes, raw: list) -> None:
+        entries, settled = [], []           # settled: ids to acknowledge without a key to finish
+        for entry_id, fields in raw:
+            if not fields:                  # deleted from the stream after it was read (XDEL): nothing to do
+                settled.append(entry_id)
+                continue
+            try:
+                entries.append(Entry.parse(entry_id, fields))
+            except (ValueError, IndexError) as exc:
+                await self._dead_raw(entry_id, fields, str(exc))
+                settled.append(entry_id)
+        if self.cfg.coalesce:
+            last: dict[bytes, Entry] = {}
+            for entry in entries:
+                if entry.key in last:
+                    settled.append(last.pop(entry.key).id)    # superseded by a later write in the batch
+                last[entry.key] = entry
+            entries = list(last.values())
+        groups: dict = {}
+        for entry in entries:
+            hit = self.router.match(entry.key)
+            route = hit[0] if hit is not None else None
+            if route is None or route.write_spec is None:
+                await self._dead(stream, entry, None, "no write route matches the key (config changed?)", 0)
+                continue
+            try:
+                op = _op(route, hit[1], entry)
+            except ValueError as exc:
+                await self._dead(stream, entry, route, str(exc), 0)
+                continue
+            groups.setdefault(route, []).append((entry, op))
+        attempts = 0
+        while groups:
+            for route in list(groups):
+                items = groups[route]
+                if await self._write(stream, route, items, attempts):
+                    del groups[route]
+            if not groups:
+                break
+            attempts += 1
+            if attempts >= self.cfg.max_attempts:
+                for route, items in groups.items():
+                    for entry, _ in items:
+                        await self._dead(stream, entry, route, self._last_error, attempts)
+                break
+            if self._stopping:
+                return          # shutting down: the entries stay pending for the next owner
+            delay = min(self.cfg.retry_max_ms, self.cfg.retry_base_ms * 2 ** (attempts - 1)) / 1000
+            await asyncio.sleep(delay * (0.5 + random.random()))
+        if settled:
+            await DONE(self.pool, [stream], [GROUP, len(settled), *settled])
+
+    async def _write(self, stream: bytes, route, items: list, attempts: int) -> bool:
+        """One route's share of a batch; False when it must be retried (the database is unavailable)."""
+        backend = route.backend_name
+        ops = [op for _, op in items if op is not None]
+        started = time.perf_counter()
+        try:
+            results = await route.backend.write_batch(route.write_spec, ops) if ops else []
+        except BackendError as exc:
+            self._last_error = f"{exc.backend}: {exc}"
+            self._count(route.name, "retry")
+            if attempts == 0 or attempts % 5 == 0:
+                log.warning("write-behind to %s failed (attempt %d, will retry): %s", backend, attempts + 1, exc)
+            return False
+        self.flush_seconds.labels(backend).observe(time.perf_counter() - started)
+        self.batch_size.labels(backend).observe(len(ops))
+        results_iter = iter(results)
+        landed = []
+        for entry, op in items:
+            result = next(results_iter) if op is not None else None
+            if result is None:
+                landed.append(entry)
+            else:
+                await self._dead(stream, entry, route, str(result), attempts + 1)
+        if landed:
+            ttl = ttl_ms(route.ttl) if route.ttl.seconds is not None else 0
+            keys, args = [stream], [GROUP, len(landed), *(e.id for e in landed)]
+            for entry in landed:
+                keys += [entry.key, companion("pend", entry.key)]
+                args += [entry.id, "ttl", entry.expiry, ttl]
+            await DONE(self.pool, keys, args)
+            self._count(route.name, "landed", len(landed))
+        return True
+
+    _last_error = ""
+
+    async def _dead(self, stream: bytes, entry: Entry, route, reason: str, attempts: int) -> None:
+        name = route.name if route is not None else ""
+        log.error("write-behind: dead letter for %r (route %s) after %d attempt(s): %s",
+                  entry.key, name or "-", attempts, reason)
+        dead = dead_name(self.cfg.stream_prefix)
+        await self.pool.execute(b"XADD", dead, b"MAXLEN", b"~", DEAD_MAXLEN, b"*", b"id", entry.id,
+                                b"route", name, b"error", reason, b"attempts", attempts, *entry.fields(), key=dead)
+        await DONE(self.pool, [stream, entry.key, companion("pend", entry.key)],
+                   [GROUP, 1, entry.id, entry.id, "drop", "", 0])
+        self._count(name, "dead")
+
+    async def _dead_raw(self, entry_id: bytes, fields: list, reason: str) -> None:
+        dead = dead_name(self.cfg.stream_prefix)
+        await self.pool.execute(b"XADD", dead, b"MAXLEN", b"~", DEAD_MAXLEN, b"*", b"id", entry_id,
+                                b"route", b"", b"error", reason, b"attempts", 0, *fields, key=dead)
+        self._count("", "dead")
+
+    def _count(self, route: str, what: str, n: int = 1) -> None:
+        key = (route, what)
+        self.counts[key] = self.counts.get(key, 0) + n
+
+    # -- metrics -----------------------------------------------------------------------------------
+    async def _monitor(self) -> None:
+        """Queue depth and lag for /metrics, read once a second (scrapes never wait on Redis)."""
+        prefix = self.cfg.stream_prefix
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                streams = [stream_name(prefix, p) for p in range(self.cfg.partitions)]
+                depths = await asyncio.gather(*(self.pool.execute(b"XLEN", s, key=s) for s in streams))
+                firsts = await asyncio.gather(*(self.pool.execute(b"XRANGE", s, b"-", b"+", b"COUNT", 1, key=s)
+                                                for s in streams))
+                dead = dead_name(prefix)
+                self.dead_letters = int(await self.pool.execute(b"XLEN", dead, key=dead))
+                self.pending = sum(int(d) for d in depths if isinstance(d, int))
+                now = time.time() * 1000
+                ages = [entry_age_ms(f[0][0], now) for f in firsts if isinstance(f, list) and f]
+                self.lag_s = max(ages, default=0.0) / 1000
+            except UpstreamUnavailable:
+                pass
+            except Exception:
+                log.exception("write-behind monitor failed")
+
+    def collect(self):
+        yield GaugeMetricFamily("cacheproxy_writebehind_pending", "Writes queued and not yet in the database",
+                                value=self.pending)
+        yield GaugeMetricFamily("cacheproxy_writebehind_lag_seconds", "Age of the oldest queued write",
+                                value=self.lag_s)
+        yield GaugeMetricFamily("cacheproxy_writebehind_dead_letters", "Entries in the dead-letter stream",
+                                value=self.dead_letters)
+        yield GaugeMetricFamily("cacheproxy_writebehind_partitions_owned", "Queue partitions this sidecar flushes",
+                                value=len(self.owned))
+        families = {
+            "landed": CounterMetricFamily("cacheproxy_writebehind_landed", "Queued writes that reached the database",
+                                          labels=["route"]),
+            "retry": CounterMetricFamily("cacheproxy_writebehind_retries", "Backend batch writes retried",
+                                         labels=["route"]),
+            "dead": CounterMetricFamily("cacheproxy_writebehind_dead_lettered", "Writes sent to the dead letters",
+                                        labels=["route"]),
+        }
+        for (route, what), value in self.counts.items():
+            families[what].add_metric([route], value)
+        yield from families.values()
+
+
+def _op(route, params: dict, entry: Entry) -> WriteOp | None:
+    """The database write for a queue entry; ValueError if the value can never be written."""
+    version = entry_version(entry.id)
+    if entry.op == "del":
+        return WriteOp("delete", params, version=version) if route.write.delete_on_del else None
+    if entry.op == "hset":
+        return WriteOp("upsert", params, fields=from_hash(entry.pairs), version=version)
+    text = entry.value.decode(errors="replace")
+    if route.encoding == "json":
+        fields = from_json(entry.value)
+        missing = [f for f in route.write.fields or () if f not in fields]
+        if missing:
+            raise ValueError(f"the value lacks field(s) {', '.join(missing)}")
+        return WriteOp("upsert", params, fields=fields, whole=text, version=version)
+    column = route.read.column or "value"
+    return WriteOp("upsert", params, fields={column: text}, whole=text, version=version)
