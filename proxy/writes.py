@@ -36,6 +36,11 @@ MANAGED = SET_FAMILY | STRING_ONLY | HASH_WRITES | DELETES | {b"MSET"}
 # Commands that state the key's whole new value: no need to know the old one, nothing to compare.
 ASSERTING = {b"SETEX", b"PSETEX", b"HSET", b"HMSET"}
 THROUGH_COMMANDS = {b"SET", b"SETEX", b"PSETEX", b"HSET", b"HMSET", b"HDEL"} | DELETES
+# (fewest, most) arguments including the command name; Redis's own arity, checked before a script runs.
+ARITY = {b"SET": (3, None), b"SETEX": (4, 4), b"PSETEX": (4, 4), b"SETNX": (3, 3), b"GETSET": (3, 3),
+         b"GETDEL": (2, 2), b"INCR": (2, 2), b"DECR": (2, 2), b"INCRBY": (3, 3), b"DECRBY": (3, 3),
+         b"INCRBYFLOAT": (3, 3), b"APPEND": (3, 3), b"SETRANGE": (4, 4), b"HSET": (4, None),
+         b"HMSET": (4, None), b"HSETNX": (4, 4), b"HDEL": (3, None), b"HINCRBY": (4, 4), b"HINCRBYFLOAT": (4, 4)}
 VALUE_AT = {b"SET": 2, b"SETNX": 2, b"GETSET": 2, b"SETEX": 3, b"PSETEX": 3}
 
 # write-through cache step: KEYS data, lease, neg; ARGV ttl ms (0: keep what the command leaves), command...
@@ -134,7 +139,9 @@ class Writes:
                     return reply
                 removed += int(reply[1:-2])
             return b":%d\r\n" % removed
-        if len(args) < 2:
+        low, high = ARITY.get(name, (2, None))
+        if len(args) < low or (high is not None and len(args) > high) or (name in (b"HSET", b"HMSET")
+                                                                          and len(args) % 2):
             return error(f"ERR wrong number of arguments for '{name.decode().lower()}' command")
         return await self.one(args, proto)
 
