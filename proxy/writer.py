@@ -225,7 +225,7 @@ class Writer:
                 continue
             if not history and not self._stopping and len(entries) < cfg.batch_size and cfg.max_delay_ms:
                 due = int(entries[0][0].partition(b"-")[0]) + cfg.max_delay_ms
-                while len(entries) < cfg.batch_size:
+                while len(entries) < cfg.batch_size and not self._stopping:
                     left = due - time.time() * 1000
                     if left <= 0:
                         break
