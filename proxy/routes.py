@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 
-from .backends.base import BackendError, BackendPermanentError, ReadSpec, WriteSpec
-from .encoding import to_hash, to_json, to_string
+from .backends.base import BackendError, BackendPermanentError, ReadSpec, WriteOp, WriteSpec
+from .encoding import from_json, to_hash, to_json, to_string
 from .loader import Found
 from .router import Router, compile_template, fill
 from .server import StartupError
@@ -46,6 +46,17 @@ class RuntimeRoute:
             key_condition=read.key_condition,
             values={name: fill(t, params) for name, t in read.values.items()} if read.values else None,
             index=read.index, consistent_read=read.consistent_read)
+
+    def upsert_op(self, params: dict, value: bytes, version: int) -> WriteOp:
+        """The database write for a string value of this route; ValueError names what is wrong with it."""
+        text = value.decode(errors="replace")
+        if self.encoding == "json":
+            fields = from_json(value)
+            missing = [f for f in self.write.fields or () if f not in fields]
+            if missing:
+                raise ValueError(f"the value lacks field(s) {', '.join(missing)} that write.upsert binds")
+            return WriteOp("upsert", params, fields=fields, whole=text, version=version)
+        return WriteOp("upsert", params, fields={self.read.column or "value": text}, whole=text, version=version)
 
     async def fetch(self, params: dict) -> list[dict]:
         values = [params[name] for name in (self.read.params or [])]

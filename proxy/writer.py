@@ -29,7 +29,7 @@ from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .backends.base import BackendError, WriteOp
-from .encoding import from_hash, from_json
+from .encoding import from_hash
 from .loader import companion, ttl_ms
 from .upstream import UpstreamUnavailable
 from .wbqueue import (
@@ -413,12 +413,4 @@ def _op(route, params: dict, entry: Entry) -> WriteOp | None:
         return WriteOp("delete", params, version=version) if route.write.delete_on_del else None
     if entry.op == "hset":
         return WriteOp("upsert", params, fields=from_hash(entry.pairs), version=version)
-    text = entry.value.decode(errors="replace")
-    if route.encoding == "json":
-        fields = from_json(entry.value)
-        missing = [f for f in route.write.fields or () if f not in fields]
-        if missing:
-            raise ValueError(f"the value lacks field(s) {', '.join(missing)}")
-        return WriteOp("upsert", params, fields=fields, whole=text, version=version)
-    column = route.read.column or "value"
-    return WriteOp("upsert", params, fields={column: text}, whole=text, version=version)
+    return route.upsert_op(params, entry.value, version)

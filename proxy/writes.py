@@ -21,7 +21,7 @@ import time
 
 from .backends.base import BackendError, WriteOp
 from .codec import OK, encode_reply, error
-from .encoding import from_hash, from_json
+from .encoding import from_hash
 from .loader import Loader, Outcome, Script, companion, ttl_ms
 from .upstream import UpstreamUnavailable
 from .wbqueue import WRITE, partition_of, stream_name
@@ -202,19 +202,13 @@ class Writes:
             raise WriteRefused(f"ERR SET with NX, XX or GET is not supported on write-through {where}")
         at = VALUE_AT.get(name)
         if at is not None and len(args) > at and route.encoding == "json":
-            self._fields(route, args[at])
+            self._upsert(route, {}, args[at])
 
-    def _fields(self, route, value: bytes) -> dict:
-        """The value of a JSON route as fields; every field the upsert binds must be present."""
+    def _upsert(self, route, params: dict, value: bytes, version: int = 0) -> WriteOp:
         try:
-            fields = from_json(value)
+            return route.upsert_op(params, value, version)
         except ValueError as exc:
             raise WriteRefused(f"ERR value for route {route.name!r}: {exc}; nothing was written") from None
-        missing = [f for f in route.write.fields or () if f not in fields]
-        if missing:
-            raise WriteRefused(f"ERR value for route {route.name!r} lacks field(s) {', '.join(missing)} that "
-                               f"write.upsert binds; nothing was written")
-        return fields
 
     # -- write-behind ----------------------------------------------------------------------------------
     async def _behind(self, route, params: dict, name: bytes, args: list[bytes], proto: int) -> bytes:
@@ -302,14 +296,6 @@ class Writes:
                 return None
             row.update(zip(args[2::2], args[3::2], strict=True))
         return WriteOp("upsert", params, fields=from_hash(row.items()), version=version)
-
-    def _upsert(self, route, params: dict, value: bytes, version: int) -> WriteOp:
-        if route.encoding == "json":
-            fields = self._fields(route, value)
-            return WriteOp("upsert", params, fields=fields, whole=value.decode(), version=version)
-        column = route.read.column or "value"
-        return WriteOp("upsert", params, fields={column: value.decode(errors="replace")},
-                       whole=value.decode(errors="replace"), version=version)
 
     async def _plain(self, args: list[bytes], proto: int) -> bytes:
         key = args[1]
