@@ -1,10 +1,12 @@
 """The demo's walk-through: what the proxy does, step by step, against the running demo setup."""
 
+import asyncio
 import json
 import sys
 import time
 import urllib.request
 
+import asyncpg
 import redis
 
 proxy = redis.Redis(port=6380, decode_responses=True)
@@ -28,6 +30,23 @@ def check(ok: bool, what: str) -> None:
         failures.append(what)
 
 
+def wait_for_row(uid: int, name: str, timeout: float = 10.0):
+    """Poll Postgres (one connection) until row `uid` has `name`; returns (row, ms waited)."""
+    async def poll():
+        conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test")
+        try:
+            started = time.perf_counter()
+            while True:
+                row = await conn.fetchrow("SELECT id, name, email FROM demo_users WHERE id = $1", uid)
+                waited = (time.perf_counter() - started) * 1000
+                if (row is not None and row["name"] == name) or waited > timeout * 1000:
+                    return row, waited
+                await asyncio.sleep(0.005)
+        finally:
+            await conn.close()
+    return asyncio.run(poll())
+
+
 def metric(name: str, route: str) -> float:
     body = urllib.request.urlopen("http://127.0.0.1:9121/metrics", timeout=5).read().decode()
     for line in body.splitlines():
@@ -37,8 +56,9 @@ def metric(name: str, route: str) -> float:
 
 
 direct.delete("user:3", "user:4", "profile:u2", "user:99999")
-for key in direct.scan_iter("cacheproxy:*"):
-    direct.delete(key)
+for pattern in ("cacheproxy:lease:*", "cacheproxy:neg:*"):     # not the write-behind queue
+    for key in direct.scan_iter(pattern):
+        direct.delete(key)
 
 step("A miss: GET user:3 is not in Redis, so the proxy loads it from Postgres")
 value, miss_ms = timed(proxy.get, "user:3")
@@ -55,6 +75,15 @@ step("A DynamoDB item served as a Redis hash")
 profile = proxy.hgetall("profile:u2")
 print(f"   HGETALL profile:u2 -> {profile}")
 check(profile.get("Plan") == "free", "item loaded from DynamoDB")
+
+step("A write: SET user:4 answers from the cache at once and reaches Postgres through write-behind")
+new = {"name": f"Renamed {int(time.time())}", "email": "user4@example.com"}
+_, set_ms = timed(proxy.set, "user:4", json.dumps(new))
+print(f"   SET user:4 {json.dumps(new)} -> OK ({set_ms:.2f} ms); GET user:4 -> {proxy.get('user:4')}")
+row, waited = wait_for_row(4, new["name"])
+print(f"   Postgres demo_users row 4 -> {dict(row) if row else None} "
+      f"(landed {waited:.0f} ms after the reply; write_behind.max_delay_ms is 200)")
+check(row is not None and row["name"] == new["name"], "the write landed in Postgres")
 
 step("A missing row is cached as 'not found' (no query on every GET)")
 for _ in range(5):
