@@ -25,6 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1,
                        help="processes sharing the listening port (SO_REUSEPORT)")
     serve.add_argument("--no-uvloop", action="store_true", help="use the default asyncio event loop")
+    serve.add_argument("--pid-file", help="write the process id here (for `cacheproxy reload`)")
+    reload = sub.add_parser("reload", help="make a running proxy re-read its config file (SIGHUP)")
+    reload.add_argument("--pid-file", required=True, help="the --pid-file the proxy was started with")
+    stats = sub.add_parser("stats", help="print a summary of a running proxy's metrics")
+    stats.add_argument("--admin", default="http://127.0.0.1:9121", help="the proxy's admin URL")
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file", nargs="?", default=os.environ.get("CACHEPROXY_CONFIG"))
     sub.add_parser("version", help="print the version")
@@ -84,12 +89,27 @@ def check_config(path: str | None) -> int:
     return 0
 
 
+def send_reload(pid_file: str) -> int:
+    try:
+        with open(pid_file) as f:
+            pid = int(f.read().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        print(f"cacheproxy reload: cannot signal the proxy from {pid_file}: {exc}", file=sys.stderr)
+        return 1
+    print(f"sent SIGHUP to {pid}; the proxy logs whether the new config was applied or refused")
+    return 0
+
+
 def serve(args) -> int:
     # Until the event loop installs its handlers, a SIGTERM means "exit cleanly", not "die".
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     cfg = _load(args.config)
     setup_logging(cfg.log.level, cfg.log.format)
     if args.workers > 1:
+        if args.pid_file:       # the supervisor's pid: it forwards SIGHUP to every worker
+            with open(args.pid_file, "w") as f:
+                f.write(f"{os.getpid()}\n")
         return _supervise(args)
     if not args.no_uvloop:
         try:
@@ -99,7 +119,10 @@ def serve(args) -> int:
             logging.getLogger("cacheproxy").info("uvloop not installed; using asyncio's event loop")
     from .server import ProxyServer, StartupError
     try:
-        asyncio.run(ProxyServer(cfg).run())
+        if args.pid_file:
+            with open(args.pid_file, "w") as f:
+                f.write(f"{os.getpid()}\n")
+        asyncio.run(ProxyServer(cfg, config_path=args.config).run())
     except OSError as exc:   # e.g. the port is taken: say so plainly
         logging.getLogger("cacheproxy").error("cannot serve: %s", exc)
         return 1
@@ -126,6 +149,7 @@ def _supervise(args) -> int:
                 child.send_signal(signum)
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward)
     while any(child.poll() is None for child in children):
         time.sleep(0.2)
     return max((child.returncode for child in children), key=abs, default=0)
@@ -136,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "version":
         print(f"cacheproxy {__version__}")
         return 0
+    if args.command == "reload":
+        return send_reload(args.pid_file)
+    if args.command == "stats":
+        from .stats import print_stats
+        return print_stats(args.admin)
     if args.command == "dlq":
         from .dlq import run as run_dlq
         return run_dlq(args, os.environ.get("CACHEPROXY_CONFIG"))

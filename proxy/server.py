@@ -645,8 +645,10 @@ def _after_select(session: ClientSession, args: list[bytes]):
 class ProxyServer:
     """Owns the listener, the sessions and the upstream pool; `run()` serves until a signal."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, config_path: str | None = None):
         self.cfg = cfg
+        self.config_path = config_path      # re-read on SIGHUP (reload.py)
+        self.reload_lock = asyncio.Lock()
         self.sessions: set[ClientSession] = set()
         self.table = _TABLE
         self.pool: UpstreamPool | None = None
@@ -703,25 +705,36 @@ class ProxyServer:
 
     async def _start_routes(self) -> None:
         """Backends, routes and the read-through path; routed command names get the ROUTED kind."""
-        from .loader import Loader
-        from .readthrough import ROUTED_COMMANDS, ReadThrough
         from .routes import build_router, start_backends
         self.backends = await start_backends(self.cfg)
-        router = await build_router(self.cfg, self.backends, self.metrics)
-        loader = Loader(self.pool, self.metrics)
-        writes = None
-        if any(route.write is not None or route.read_only for route in router.routes):
-            from .writer import Writer, consumer_name
-            from .writes import Writes
-            if any(route.write is not None and route.write.mode == "write-behind" for route in router.routes):
-                self.writer = Writer(self.pool, router, self.cfg, self.metrics, consumer_name(self.cfg))
-                self.writer.start()
-            writes = Writes(router, self.pool, loader, self.cfg.write_behind, self.metrics, self.writer)
-        self.readthrough = ReadThrough(router, self.pool, loader, writes)
+        self.install_routes(await build_router(self.cfg, self.backends, self.metrics), self.cfg)
+
+    def install_routes(self, router, cfg) -> None:
+        """Serve `router` from now on (at startup, and on a reload): the read path, the write path and
+        the write-behind flusher follow it; sessions keep their connections."""
+        from .loader import Loader
+        from .readthrough import ROUTED_COMMANDS, ReadThrough
+        from .writer import Writer, consumer_name
+        from .writes import Writes
+        writes_behind = any(r.write is not None and r.write.mode == "write-behind" for r in router.routes)
+        if self.writer is not None:
+            self.writer.reconfigure(cfg, router)
+        elif writes_behind:
+            self.writer = Writer(self.pool, router, cfg, self.metrics, consumer_name(cfg))
+            self.writer.start()
+        if self.readthrough is None:
+            loader = Loader(self.pool, self.metrics)
+            writes = Writes(router, self.pool, loader, cfg.write_behind, self.metrics, self.writer)
+            self.readthrough = ReadThrough(router, self.pool, loader, writes)
+        else:
+            self.readthrough.router, self.readthrough.prefixes = router, router.prefixes
+            self.readthrough.writes.reconfigure(router, cfg.write_behind, self.writer)
         table = dict(_TABLE)
         for name in ROUTED_COMMANDS:
             table[name] = table[name.lower()] = ROUTED
         self.table = table
+        for session in self.sessions:
+            session.table = table
 
     async def readiness(self) -> dict[str, str | None]:
         """What /readyz reports: None for a healthy component, else the reason."""
@@ -754,6 +767,11 @@ class ProxyServer:
                         self.stats["idle_disconnects"] += 1
                         session.transport.close()
 
+    def _on_sighup(self) -> None:
+        from .reload import reload
+        log.info("SIGHUP: reloading %s", self.config_path or "(no config file)")
+        self._tasks.append(asyncio.get_running_loop().create_task(reload(self)))
+
     def request_stop(self) -> None:
         if self._stopping.is_set():
             log.warning("second signal: exiting now")
@@ -767,6 +785,7 @@ class ProxyServer:
         # Signals first: a SIGTERM that arrives while we are still starting must stop us cleanly.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         await self.start()
         await self._stopping.wait()
         await self.shutdown()

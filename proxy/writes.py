@@ -90,8 +90,8 @@ class Writes:
         self._locks: dict[bytes, asyncio.Lock] = {}
         self._seq = 0
 
-    def reconfigure(self, router, wb_cfg) -> None:
-        self.router, self.cfg = router, wb_cfg
+    def reconfigure(self, router, wb_cfg, writer) -> None:
+        self.router, self.cfg, self.writer = router, wb_cfg, writer
 
     # -- dispatch --------------------------------------------------------------------------------------
     def handles(self, name: bytes, args: list[bytes]) -> bool:
