@@ -1,3 +1,3 @@
 """cacheproxy: a caching sidecar that speaks the Redis protocol."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
