@@ -10,6 +10,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+# Labels for commands.PASS, LOCAL, PIN, RELAY, DENY, ROUTED and server._FAIL, in that order.
+COMMAND_KINDS = ("pass-through", "local", "pinned", "relay", "denied", "routed", "protocol-error")
 LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -60,6 +62,15 @@ class _Collector:
             for name, value in server.stats.items():
                 stats.add_metric([name], value)
             yield stats
+            io = CounterMetricFamily("cacheproxy_client_bytes", "Bytes from and to clients", labels=["direction"])
+            io.add_metric(["in"], server.io[0])
+            io.add_metric(["out"], server.io[1])
+            yield io
+            commands = CounterMetricFamily("cacheproxy_commands", "Client commands by how the proxy handled them",
+                                           labels=["kind"])
+            for kind, value in zip(COMMAND_KINDS, server.commands, strict=True):
+                commands.add_metric([kind], value)
+            yield commands
             pool = server.pool
             if pool is not None:
                 shared = sum(1 for cs in pool.shared.values() for c in cs if c is not None and c.up)

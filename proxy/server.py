@@ -158,7 +158,9 @@ class ClientSession(asyncio.Protocol):
 
     # -- requests ----------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        self.last_active = self.server.clock
+        server = self.server
+        self.last_active = server.clock
+        server.io[0] += len(data)
         if self.relay is not None:
             self.relay.send_raw(data)
             return
@@ -186,6 +188,7 @@ class ClientSession(asyncio.Protocol):
                         continue
                     break
             else:
+                server.commands[PASS] += len(frames)
                 self.send_shared(raw, len(frames))
                 return
         self._dispatch(frames, 0)
@@ -209,10 +212,13 @@ class ClientSession(asyncio.Protocol):
                 i += 1
                 continue
             if run:
+                self.server.commands[PASS] += len(run)
                 self.send_shared(b"".join(run), len(run))
                 run = []
+            self.server.commands[kind] += 1
             i = self._command(frames, i, kind)
         if run:
+            self.server.commands[PASS] += len(run)
             self.send_shared(b"".join(run), len(run))
         if i < n and not self.closing:
             self.backlog = frames[i:]
@@ -289,6 +295,7 @@ class ClientSession(asyncio.Protocol):
         if self.transport is None:
             return
         if not self.replies:
+            self.server.io[1] += len(data)
             self.transport.write(data)
         else:
             slot = Slot(self, 0)
@@ -311,6 +318,7 @@ class ClientSession(asyncio.Protocol):
                 while replies and replies[0].data is not None:
                     out.append(replies.popleft().data)
                 data = b"".join(out)
+            self.server.io[1] += len(data)
             transport.write(data)
             if self.write_paused:
                 self._check_output(transport)
@@ -331,6 +339,7 @@ class ClientSession(asyncio.Protocol):
         if transport is None or not self.replies or self.replies[0] is not slot:
             return False
         self.inflight -= count
+        self.server.io[1] += len(data)
         transport.write(data)
         self._check_output(transport)
         return True
@@ -491,6 +500,7 @@ class ClientSession(asyncio.Protocol):
 
     def relay_data(self, data: bytes) -> None:
         if self.transport is not None:
+            self.server.io[1] += len(data)
             self.transport.write(data)
 
     def relay_lost(self) -> None:
@@ -660,6 +670,8 @@ class ProxyServer:
         self.admin = None
         self.listener: asyncio.base_events.Server | None = None
         self.clock = 0.0
+        self.io = [0, 0]                 # bytes from clients, bytes to clients
+        self.commands = [0] * 7          # commands by kind (commands.PASS ... ROUTED, protocol errors)
         self.stats = {"connections": 0, "protocol_errors": 0, "auth_failures": 0, "relays": 0,
                       "output_limit_disconnects": 0, "idle_disconnects": 0}
         listen = cfg.listen

@@ -124,6 +124,15 @@ def test_metrics_and_stats_follow_traffic(make_proxy, redis_server, throwaway_pg
         c.get("user:1")            # 1 miss, 2 hits
     assert metric_sum(p, 'cacheproxy_route_hits_total{route="user:{id:int}"}') == 2
     assert metric_sum(p, 'cacheproxy_route_misses_total{route="user:{id:int}"}') == 1
+    before_out = metric_sum(p, 'cacheproxy_client_bytes_total{direction="out"}')
+    c.set("plain", "x" * 1000)
+    assert c.get("plain") == b"x" * 1000
+    c.ping()
+    assert metric_sum(p, 'cacheproxy_client_bytes_total{direction="out"}') >= before_out + 1000
+    assert metric_sum(p, 'cacheproxy_client_bytes_total{direction="in"}') >= 1000
+    assert metric_sum(p, 'cacheproxy_commands_total{kind="routed"}') >= 3
+    assert metric_sum(p, 'cacheproxy_commands_total{kind="pass-through"}') >= 2
+    assert metric_sum(p, 'cacheproxy_commands_total{kind="local"}') >= 1
     throwaway_pg.stop()
     for i in range(20):
         c.set(f"user:{i}", json.dumps({"name": "m", "email": "m@x"}))
