@@ -78,6 +78,7 @@ class Writer:
         self._events = [asyncio.Event() for _ in range(self.cfg.partitions)]
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
+        self._last_error = ""       # why the last backend batch failed (for dead letters after max_attempts)
         self.batch_size = Histogram("cacheproxy_writebehind_batch_size", "Writes per backend batch",
                                     ["backend"], buckets=BATCH_BUCKETS, registry=metrics.registry)
         self.flush_seconds = Histogram("cacheproxy_writebehind_flush_seconds", "Backend batch write latency",
@@ -203,10 +204,8 @@ class Writer:
         history = True          # own pending entries first (after a restart or a claim), then new ones
         poll = min(0.25, renew_every)
         while True:
-            if time.monotonic() - renewed > renew_every:
-                if self._stopping:
-                    pass
-                elif not await self._claim(partition):
+            if not self._stopping and time.monotonic() - renewed > renew_every:
+                if not await self._claim(partition):
                     log.warning("write-behind: lost partition %d", partition)
                     return
                 renewed = time.monotonic()
@@ -232,8 +231,6 @@ class Writer:
                     await self._wait(partition, min(left / 1000, poll))
                     entries += await self._read(stream, b">", cfg.batch_size - len(entries))
             await self._flush(stream, entries)
-            if history:
-                continue
 
     async def _release(self, partition: int) -> None:
         await RELEASE(self.pool, [owner_name(self.cfg.stream_prefix, partition)], [self.name])
@@ -338,8 +335,6 @@ class Writer:
             await DONE(self.pool, keys, args)
             self._count(route.name, "landed", len(landed))
         return True
-
-    _last_error = ""
 
     async def _dead(self, stream: bytes, entry: Entry, route, reason: str, attempts: int) -> None:
         name = route.name if route is not None else ""
