@@ -479,7 +479,7 @@ class ClientSession(asyncio.Protocol):
             self.pin = None
             if conn is None:
                 try:
-                    conn = await self.pool.get_dedicated(self.proto)
+                    conn = await self._dedicated(self.backlog[0])
                 except UpstreamUnavailable as exc:
                     self.reply(error(f"ERR upstream unavailable: {exc}"))
                     del self.backlog[0]
@@ -497,6 +497,10 @@ class ClientSession(asyncio.Protocol):
                 frames.append(encode_command(args))
             conn.send_raw(b"".join(frames) + (b"" if self.closing else self.parser.pending()))
         return self._run_hold(frames, i, enter)
+
+    async def _dedicated(self, args: list[bytes]):
+        """The connection a relay starts on (a cluster session picks the node by the command)."""
+        return await self.pool.get_dedicated(self.proto)
 
     def relay_data(self, data: bytes) -> None:
         if self.transport is not None:
@@ -695,7 +699,13 @@ class ProxyServer:
         self.clock = loop.time()
         if self._stopping is None:
             self._stopping = asyncio.Event()
-        self.pool = UpstreamPool(self.cfg.upstream, loop)
+        session_class = ClientSession
+        if self.cfg.upstream.cluster:       # cluster mode: its own pool and session (cluster*.py)
+            from .cluster import ClusterPool
+            from .cluster_session import ClusterSession
+            self.pool, session_class = ClusterPool(self.cfg.upstream, loop), ClusterSession
+        else:
+            self.pool = UpstreamPool(self.cfg.upstream, loop)
         self.pool.start()
         # Listen only once the upstream had its chance: a sidecar may start before Redis, so an
         # unreachable upstream does not stop startup, it only delays it by connect_timeout.
@@ -710,7 +720,7 @@ class ProxyServer:
             await self.admin.start()
         listen = self.cfg.listen
         self.listener = await loop.create_server(
-            lambda: ClientSession(self), listen.host, listen.port,
+            lambda: session_class(self), listen.host, listen.port,
             reuse_port=listen.reuse_port or None, backlog=1024)
         self._tasks.append(loop.create_task(self._tick()))
         log.info("listening on %s:%d, upstream %s", listen.host, listen.port, self.cfg.upstream.redacted_url)

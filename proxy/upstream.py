@@ -226,9 +226,11 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 class UpstreamPool:
+    connection_class = UpstreamConnection
     def __init__(self, cfg, loop: asyncio.AbstractEventLoop | None = None):
         self.cfg = cfg   # the `upstream` config section
         self.loop = loop or asyncio.get_running_loop()
+        self.host, self.port = cfg.host, cfg.port   # a cluster node pool sets its own
         self.shared: dict[int, list[UpstreamConnection | None]] = {2: [], 3: []}
         self.free: dict[int, list[UpstreamConnection]] = {2: [], 3: []}
         self.dedicated: set[UpstreamConnection] = set()
@@ -305,9 +307,9 @@ class UpstreamPool:
         try:
             _, conn = await asyncio.wait_for(
                 self.loop.create_connection(
-                    lambda: UpstreamConnection(self, proto, dedicated), cfg.host, cfg.port,
+                    lambda: self.connection_class(self, proto, dedicated), self.host, self.port,
                     ssl=self.ssl_context,
-                    server_hostname=(cfg.tls.server_hostname or cfg.host) if self.ssl_context else None),
+                    server_hostname=(cfg.tls.server_hostname or self.host) if self.ssl_context else None),
                 cfg.connect_timeout)
         except (TimeoutError, OSError, ssl.SSLError) as exc:
             self._connect_failed(exc)
@@ -329,7 +331,7 @@ class UpstreamPool:
         reason = str(exc) or type(exc).__name__
         if isinstance(exc, asyncio.TimeoutError):
             reason = "timed out"
-        message = f"cannot reach {self.cfg.host}:{self.cfg.port}: {reason}"
+        message = f"cannot reach {self.host}:{self.port}: {reason}"
         if message != self.last_error:
             log.warning("upstream: %s", message)
         self.last_error = message
