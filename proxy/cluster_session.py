@@ -38,6 +38,8 @@ class ClusterSession(ClientSession):
         self.tx_slot: int | None = None   # the slot every key of the transaction (and WATCH) is in
         self.tx_failed = False            # a queued command was refused: EXEC answers EXECABORT
         self.watch_slot: int | None = None
+        # One connection per node for this client, so its commands to a node stay in order.
+        self.node_conns: dict = {}
 
     # -- requests ----------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -110,7 +112,16 @@ class ClusterSession(ClientSession):
         for key in keys[1:]:
             if key_slot(key) != slot:
                 return None
-        return self.pool.conn_for_slot(slot, self.proto, spec.readonly)
+        node = self.pool.node_for_slot(slot, spec.readonly)
+        if node is None:
+            return None
+        conn = self.node_conns.get(node)
+        if conn is None or not conn.up or conn.proto != self.proto:
+            conn = node.pick(self.proto)
+            if conn is None:
+                return None
+            self.node_conns[node] = conn
+        return conn
 
     def _send_run(self, conn, run: list) -> None:
         self.server.commands[PASS] += len(run)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 _FIXTURES = Path(__file__).parent / "fixtures"
-_PLUGINS = ["redis_server", "proxy", "postgres", "moto", "throwaway_pg"]
+_PLUGINS = ["redis_server", "redis_cluster", "proxy", "postgres", "moto", "throwaway_pg"]
 
 # Register only the fixture modules that exist yet (others are written in parallel).
 pytest_plugins = [f"tests.fixtures.{name}" for name in _PLUGINS if (_FIXTURES / f"{name}.py").exists()]
