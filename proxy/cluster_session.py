@@ -18,6 +18,7 @@ import logging
 
 from redis.crc import key_slot
 
+from . import cluster_commands as cc
 from .cluster import LOST, parse_requests, split_replies
 from .cluster_commands import CROSSSLOT, keys_of, node_local_error
 from .codec import OK, encode_command, error, scan_replies
@@ -51,14 +52,34 @@ class ClusterSession(ClientSession):
             return
         if self.closing:
             return
-        frames, _ = self.parser.feed(data)
+        frames, raw = self.parser.feed(data)
         if self.parser.error is not None:
             frames.append([PROTOCOL_ERROR, self.parser.error])
+            raw = None
         if not frames:
             return
         if self.backlog is not None:
             self.backlog.extend(frames)
             return
+        if raw is not None and len(frames) == 1 and self.pin is None and self.tx is None and self.authed \
+                and self.inflight < self.max_inflight:
+            # One plain command for one slot (a client without pipelining): its bytes go as they came.
+            args = frames[0]
+            kind = self.table.get(args[0])
+            if kind is None:
+                kind = kind_of(self.table, args[0])
+            if kind == PASS:
+                conn = self._route(args)
+                if conn is not None:
+                    self.server.commands[PASS] += 1
+                    slot = Slot(self, 1)
+                    self.replies.append(slot)
+                    self.inflight += 1
+                    conn.send(raw, slot)
+                    if conn.write_paused:
+                        conn.blocked_sessions.add(self)
+                        self.pause("upstream")
+                    return
         self._dispatch(frames, 0)
 
     def _dispatch(self, frames: list, i: int) -> None:
@@ -87,6 +108,13 @@ class ClusterSession(ClientSession):
                     run.append(args)
                     i += 1
                     continue
+                if run:
+                    self._send_run(run_conn, run)
+                    run = []
+                if self._split(args):
+                    commands[PASS] += 1
+                    i += 1
+                    continue
             if run:
                 self._send_run(run_conn, run)
                 run = []
@@ -112,7 +140,10 @@ class ClusterSession(ClientSession):
         for key in keys[1:]:
             if key_slot(key) != slot:
                 return None
-        node = self.pool.node_for_slot(slot, spec.readonly)
+        return self._conn(slot, spec.readonly)
+
+    def _conn(self, slot: int, readonly: bool):
+        node = self.pool.node_for_slot(slot, readonly)
         if node is None:
             return None
         conn = self.node_conns.get(node)
@@ -122,6 +153,29 @@ class ClusterSession(ClientSession):
                 return None
             self.node_conns[node] = conn
         return conn
+
+    def _split(self, args: list[bytes]) -> bool:
+        """MGET/MSET/DEL/EXISTS/TOUCH/UNLINK over several slots: one part per slot on this client's
+        connection to each node (so later commands stay behind them), merged when all are back."""
+        ctable = self.pool.table
+        if ctable is None:
+            return False
+        kind, value = cc.place(ctable, args)
+        if kind != cc.SPLIT:
+            return False
+        merge, parts = value
+        readonly = ctable.readonly(args)
+        conns = [self._conn(slot, readonly) for slot, _, _ in parts]
+        if None in conns:
+            return False
+        slot = Slot(self, 1)
+        self.replies.append(slot)
+        self.inflight += 1
+        total = (len(args) - 1) // 2 if merge == "ok" else len(args) - 1
+        gather = _Gather(slot, merge, total, parts)
+        for index, ((_, _, part_args), conn) in enumerate(zip(parts, conns, strict=True)):
+            conn.send(encode_command(part_args), _Part(gather, index))
+        return True
 
     def _send_run(self, conn, run: list) -> None:
         self.server.commands[PASS] += len(run)
@@ -379,6 +433,36 @@ class ClusterSession(ClientSession):
             self.watching = False
             if self.pin is not None and not self._holds_state():
                 self._unpin(clean=clean)
+
+
+class _Gather:
+    """Collects the replies of a split command's parts and fills the client's slot with the merge."""
+
+    __slots__ = ("slot", "merge", "total", "parts", "replies", "left")
+
+    def __init__(self, slot: Slot, merge: str, total: int, parts: list):
+        self.slot, self.merge, self.total, self.parts = slot, merge, total, parts
+        self.replies: list = [None] * len(parts)
+        self.left = len(parts)
+
+    def done(self, index: int, data) -> None:
+        self.replies[index] = bytes(data)
+        self.left -= 1
+        if not self.left:
+            self.slot.on_reply(cc.merge_split(self.merge, self.total, self.parts, self.replies))
+
+
+class _Part:
+    __slots__ = ("gather", "index", "count")
+
+    def __init__(self, gather: _Gather, index: int):
+        self.gather, self.index, self.count = gather, index, 1
+
+    def on_reply(self, data) -> None:
+        self.gather.done(self.index, data)
+
+    def partial(self, data, count: int) -> bool:
+        return False
 
 
 class _TxWaiter:
