@@ -151,7 +151,8 @@ def main() -> None:
     text = "\n".join([
         f"Command: `.venv/bin/python bench/cluster.py --rounds {args.rounds} --seconds {args.seconds:g} "
         f"--workers {args.workers}`, {time.strftime('%Y-%m-%d')}, proxy at {git_describe()}, "
-        f"pool_size {args.pool_size}; {info.get('cpu', '?')}, load {info.get('load', '?')}.",
+        f"pool_size {args.pool_size}; {info.get('nproc', '?')} x {info.get('cpu', '?')}, "
+        f"loadavg {info.get('loadavg', '?')}.",
         "",
         md_table(["workload", "RedisCluster direct ops/s", "direct p50 ms", "via proxy ops/s", "proxy p50 ms",
                   "proxy/direct"], rows),
