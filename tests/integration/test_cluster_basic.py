@@ -227,8 +227,9 @@ def test_blocking_and_pubsub(cproxy, shared_cluster):
     shard.close()
 
 
-def test_replica_reads(make_proxy, shared_cluster):
-    p = cluster_proxy(make_proxy, shared_cluster, upstream={"read_from": "replica"})
+@pytest.mark.parametrize("read_from", ["replica", "prefer_replica"])
+def test_replica_reads(make_proxy, shared_cluster, read_from):
+    p = cluster_proxy(make_proxy, shared_cluster, upstream={"read_from": read_from})
     c = p.client(protocol=2)
     for node in shared_cluster.running_nodes():
         node.client().config_resetstat()
@@ -244,3 +245,21 @@ def test_replica_reads(make_proxy, shared_cluster):
             stats.get("cmdstat_get", {}).get("calls", 0)
     assert gets.get("slave", 0) == 100 and gets.get("master", 0) == 0, gets
     assert c.incr("r:1") == 2               # writes still go to the masters
+
+
+def test_first_seed_down_uses_the_others(make_proxy, shared_cluster):
+    from tests.fixtures.redis_server import free_port
+    dead = f"redis://127.0.0.1:{free_port()}"
+    p = make_proxy(dead, upstream={"cluster": True, "nodes": shared_cluster.seeds[2:4]})
+    c = p.client(protocol=2)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            assert c.set("seeded", "yes") is True
+            break
+        except redis.ResponseError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    assert c.get("seeded") == b"yes"
+    assert shared_cluster.direct().get("seeded") == b"yes"
