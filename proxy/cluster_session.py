@@ -370,6 +370,15 @@ class ClusterSession(ClientSession):
         if name == b"WATCH":
             self.reply(error("ERR WATCH inside MULTI is not allowed"))
             return i + 1
+        kind = kind_of(self.table, args[0])
+        if name in (b"QUIT", b"RESET"):         # run at once inside MULTI, as Redis does
+            return super()._command(frames, i, kind)
+        if kind in (LOCAL, RELAY, DENY) and name not in (b"PING", b"ECHO"):
+            # Connection state (HELLO, AUTH, SELECT, CLIENT, SUBSCRIBE ...) must never run inside a
+            # block on a shared connection.
+            self.tx_failed = True
+            self.reply(error("ERR Command not allowed inside a transaction"))
+            return i + 1
         ctable = self.pool.table
         spec = ctable.lookup(args) if ctable is not None else None
         if spec is None or (spec.arity > 0 and len(args) != spec.arity) or len(args) < -spec.arity:

@@ -133,6 +133,13 @@ def test_transactions_in_one_slot(cproxy, shared_cluster):
         assert r.cmd("INCR", "{q}x").value == "QUEUED"
         assert r.cmd("EXEC").py() == ["OK", 2]
         assert r.cmd("EXEC").value == "ERR EXEC without MULTI"
+        # Connection state never runs inside a block on a shared connection.
+        assert r.cmd("MULTI").value == "OK"
+        assert r.cmd("HELLO", "3").is_error
+        assert r.cmd("SUBSCRIBE", "ch").is_error
+        assert r.cmd("PING").value == "QUEUED"
+        assert r.cmd("EXEC").value.startswith("EXECABORT")
+        assert r.cmd("GET", "{q}x").value == b"2"
         assert r.cmd("DISCARD").value == "ERR DISCARD without MULTI"
     # WATCH: a change by another client voids the transaction.
     c.set("{w}k", 1)
