@@ -490,12 +490,16 @@ class ClusterPool:
         if first is not None and table is not None and table.stateful(args):
             return first        # a blocking command or WATCH must not land on a shared connection
         reply = first
+        attempts = 0
         while True:
             target, asking = None, False
             if reply is not None:
                 if not needs_retry(reply) or loop.time() >= deadline:
                     return reply
                 self.counters["retries"] += 1
+                attempts += 1
+                if attempts > 3:        # nodes disagree for a moment (mid-reshard): don't spin
+                    await asyncio.sleep(min(0.1, 0.01 * attempts))
                 if reply.startswith((b"-MOVED ", b"-ASK ")):
                     try:
                         _, slot_text, address = reply.split(b"\r\n", 1)[0].split(b" ")
