@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -36,38 +35,6 @@ def _parser() -> argparse.ArgumentParser:
     from .dlq import add_parser as add_dlq_parser
     add_dlq_parser(sub)
     return parser
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": round(record.created, 3), "level": record.levelname.lower(),
-                 "logger": record.name, "msg": record.getMessage()}
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-class _NoTraceback(logging.Filter):
-    """asyncpg logs a full traceback each time it cannot refill its pool while Postgres is down: an
-    expected condition for a sidecar, so keep its one-line warning and drop the traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info:
-            record.msg = f"{record.msg}: {record.exc_info[1]}"
-            record.exc_info = record.exc_text = None
-        return True
-
-
-def setup_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    logging.getLogger("asyncpg.pool").addFilter(_NoTraceback())
 
 
 def _load(path: str | None):
@@ -105,7 +72,8 @@ def serve(args) -> int:
     # Until the event loop installs its handlers, a SIGTERM means "exit cleanly", not "die".
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     cfg = _load(args.config)
-    setup_logging(cfg.log.level, cfg.log.format)
+    from .logs import configure as configure_logging
+    configure_logging(cfg)
     if args.workers > 1:
         if args.pid_file:       # the supervisor's pid: it forwards SIGHUP to every worker
             with open(args.pid_file, "w") as f:

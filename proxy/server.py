@@ -393,6 +393,8 @@ class ClientSession(asyncio.Protocol):
             await self._wait_drained()
             try:
                 self.pin = await self.pool.get_dedicated(self.proto)
+                # frames[i] is dispatched (and counted) again from the backlog: count it once.
+                self.server.commands[kind_of(self.table, frames[i][0])] -= 1
             except UpstreamUnavailable as exc:
                 # Answer the command that needed the pin; the rest proceed as usual.
                 self.reply(error(f"ERR upstream unavailable: {exc}"))
@@ -789,10 +791,15 @@ class ProxyServer:
                         self.stats["idle_disconnects"] += 1
                         session.transport.close()
 
-    def _on_sighup(self) -> None:
+    async def reload(self) -> bool:
+        """Re-read the config file and apply routes, TTLs, backends and write settings in place
+        (reload.py); False when the new config is refused and the running one stays."""
         from .reload import reload
+        return await reload(self)
+
+    def _on_sighup(self) -> None:
         log.info("SIGHUP: reloading %s", self.config_path or "(no config file)")
-        self._tasks.append(asyncio.get_running_loop().create_task(reload(self)))
+        self._tasks.append(asyncio.get_running_loop().create_task(self.reload()))
 
     def request_stop(self) -> None:
         if self._stopping.is_set():
