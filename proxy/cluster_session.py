@@ -311,6 +311,8 @@ class ClusterSession(ClientSession):
             await self._wait_drained()
             try:
                 self.pin = await self.pool.get_dedicated(self.proto, key)
+                # frames[i] is dispatched (and counted) again from the backlog: count it once.
+                self.server.commands[kind_of(self.table, frames[i][0])] -= 1
             except UpstreamUnavailable as exc:
                 self.reply(error(f"ERR upstream unavailable: {exc}"))
                 del self.backlog[0]
