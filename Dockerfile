@@ -20,7 +20,8 @@ USER 10001
 ENV CACHEPROXY_CONFIG=/etc/cacheproxy/config.yaml \
     PYTHONUNBUFFERED=1
 EXPOSE 6380 9121
+# The admin port: CACHEPROXY_ADMIN__PORT if set (set it there, not in the file, when changing it).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9121/healthz', timeout=2)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('CACHEPROXY_ADMIN__PORT', '9121'), timeout=2)"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["cacheproxy-entrypoint"]
