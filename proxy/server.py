@@ -765,12 +765,16 @@ class ProxyServer:
         problems: dict[str, str | None] = {
             "upstream": None if self.pool is not None and self.pool.healthy else
             f"upstream unavailable: {self.pool.last_error if self.pool else 'not started'}"}
-        for name, backend in self.backends.items():
+
+        async def check(name, backend) -> None:
             try:
                 await asyncio.wait_for(backend.ping(), 2)
                 problems[f"backend:{name}"] = None
             except Exception as exc:   # any failure means "not ready"; the reason is reported
-                problems[f"backend:{name}"] = str(exc) or type(exc).__name__
+                problems[f"backend:{name}"] = str(exc) or ("timed out" if isinstance(exc, TimeoutError)
+                                                           else type(exc).__name__)
+        # Concurrently: one hung backend must not make the probe wait for the others too.
+        await asyncio.gather(*(check(name, backend) for name, backend in list(self.backends.items())))
         return problems
 
     @property

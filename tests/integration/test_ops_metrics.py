@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -14,6 +16,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.fixtures.redis_server import free_port
 from tests.integration.test_writebehind_postgres import (
     REPO,
     make_schema,
@@ -77,6 +80,26 @@ def test_readyz_follows_the_upstream(make_proxy, redis_server, pg):
     with pytest.raises(urllib.error.HTTPError) as missing:
         urllib.request.urlopen(f"{admin}/nope", timeout=5)
     assert missing.value.code == 404
+
+
+def test_readyz_names_a_hung_backend_without_waiting_for_it(make_proxy, redis_server, pg, monkeypatch):
+    """Backends that accept connections but never answer: /readyz answers 503 within its 2 s
+    per-check bound (checks run concurrently), naming them; the healthy one is not listed."""
+    for name, value in (("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)       # the proxy inherits them
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)            # never accepted, never answered
+        admin, hung = free_port(), f"http://127.0.0.1:{silent.getsockname()[1]}"
+        make_proxy(redis_server, admin={"enabled": True, "port": admin}, routes=routes(pg.schema)[:1],
+                   backends={"main": {"type": "postgres", "dsn": pg.dsn},
+                             "ddb": {"type": "dynamodb", "endpoint_url": hung},
+                             "ddb2": {"type": "dynamodb", "endpoint_url": hung}})
+        started = time.monotonic()
+        status, body = get(f"http://127.0.0.1:{admin}/readyz")
+        assert time.monotonic() - started < 3.5, "two hung backends are waited for at once, not one after the other"
+        assert status == 503 and body["problems"] == {"backend:ddb": "timed out", "backend:ddb2": "timed out"}
 
 
 def test_metrics_follow_traffic(make_proxy, redis_server, pg):
