@@ -39,7 +39,7 @@ async def reload(server) -> bool:
         try:
             new = load_config(path)
         except ConfigError as exc:
-            log.error("reload refused, the running config stays in force:\n%s", exc)
+            log.error("reload refused, the running config stays in force: %s", exc)
             return False
         old = server.cfg
         # The new file's secrets are masked from now on, even if it is refused below.

@@ -10,11 +10,12 @@ import subprocess
 import sys
 
 import pytest
+import redis
 import yaml
 
 from tests.fixtures.proxy import ProxyProcess
 from tests.fixtures.redis_server import free_port
-from tests.integration.test_writebehind_postgres import REPO, pg, routes, start, wait_for
+from tests.integration.test_writebehind_postgres import REPO, pg, routes, start, user_route, wait_for
 
 __all__ = ["pg"]   # the fixture, shared with the write-behind tests
 
@@ -35,7 +36,10 @@ def rewrite_config(p, change) -> None:
 
 
 def wait_log(p, text: str, count: int = 1) -> None:
-    wait_for(lambda: p.stderr_text().count(text) >= count, timeout=15, what=f"log line {text!r}")
+    try:
+        wait_for(lambda: p.stderr_text().count(text) >= count, timeout=15, what=f"log line {text!r}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the proxy's log ends with:\n{p.stderr_text()[-3000:]}") from None
 
 
 def test_sighup_applies_a_new_ttl_and_new_routes_without_dropping_clients(make_proxy, redis_server, pg):
@@ -137,3 +141,24 @@ def test_reload_refuses_an_unreachable_new_backend(make_proxy, redis_server, pg)
     wait_log(p, "reloaded")
     c.get("user:7")
     assert 25_000 < redis_server.client().pttl("user:7") <= 30_000
+
+
+def test_reload_changes_write_settings(make_proxy, redis_server, pg):
+    """Cache-only writes, then write-behind (the writer starts on reload), then read-only."""
+    route = user_route(pg.schema)
+    write = route.pop("write")
+    p = start(make_proxy, redis_server, pg, route_list=[route])
+    c = p.client(protocol=2)
+    c.set("user:1", json.dumps({"name": "cache only", "email": "c@x"}))
+    assert pg.user(1)["name"] == "user 1", "no write section: only the cache changed"
+    rewrite_config(p, lambda d: d["routes"][0].update(write=write))
+    p.signal(signal.SIGHUP)
+    wait_log(p, "reloaded")
+    c.set("user:2", json.dumps({"name": "behind", "email": "b@x"}))
+    wait_for(lambda: pg.user(2)["name"] == "behind", timeout=15, what="the write landing in Postgres")
+    rewrite_config(p, lambda d: d["routes"][0].update(write={"mode": "read-only"}))
+    p.signal(signal.SIGHUP)
+    wait_log(p, "reloaded", 2)
+    with pytest.raises(redis.ResponseError, match="read-only"):
+        c.set("user:3", json.dumps({"name": "refused", "email": "r@x"}))
+    assert pg.user(3)["name"] == "user 3"
