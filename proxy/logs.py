@@ -91,6 +91,7 @@ def configure(cfg, extra_secrets: frozenset[str] = frozenset()) -> None:
     _handler = logging.StreamHandler(sys.stderr)
     root.handlers[:] = [_handler]
     logging.getLogger("asyncpg.pool").addFilter(_NoTraceback())
+    logging.captureWarnings(True)        # library warnings become log lines too, not raw stderr text
     refresh(cfg, extra_secrets)
 
 
