@@ -18,7 +18,6 @@ import asyncio
 import logging
 
 from .backends import create_backend
-from .backends.base import BackendError
 from .config import ConfigError, load_config
 from .logs import current_secrets, refresh, secrets_of
 from .routes import build_router
@@ -56,8 +55,8 @@ async def reload(server) -> bool:
             try:       # a new or changed backend must answer now (unlike at startup, see above)
                 await backend.start()
                 await asyncio.wait_for(backend.ping(), BACKEND_CHECK_SECONDS)
-            except (BackendError, TimeoutError) as exc:
-                reason = str(exc) or "timed out"
+            except Exception as exc:  # BackendError, a timeout, or a client library's own error
+                reason = str(exc) or type(exc).__name__
                 return await _refuse(f"{path}: backends.{name}: not reachable: {reason}; fix: check the "
                                      f"backend's address and credentials, or reload once it is up", started)
         try:
