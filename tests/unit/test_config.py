@@ -629,3 +629,15 @@ def test_empty_sections_mean_defaults(tmp_path):
     # a scalar left empty is still an error: there is no section of defaults to fall back on
     with pytest.raises(ConfigError, match="listen.port"):
         load_config(write(tmp_path, "listen:\n  port:\n"), env={})
+
+
+def test_write_behind_on_a_cluster_is_refused_with_a_fix():
+    route = {"key": "user:{id:int}", "backend": "main",
+             "read": {"query": "SELECT * FROM users WHERE id = $1"},
+             "write": {"mode": "write-behind", "upsert": "INSERT INTO users VALUES ($1, $2)", "fields": ["name"],
+                       "delete": "DELETE FROM users WHERE id = $1"}}
+    data = with_routes(route)
+    data["upstream"] = {"cluster": True, "url": "redis://127.0.0.1:7000"}
+    assert_problem(error_of(data), "routes[0].write.mode", "not supported with upstream.cluster", "write-through")
+    route["write"]["mode"] = "write-through"
+    assert config_from_dict(data).routes[0].write.mode == "write-through"
