@@ -748,7 +748,7 @@ class ProxyServer:
             self.writer.start()
         if self.readthrough is None:
             loader = Loader(self.pool, self.metrics)
-            writes = Writes(router, self.pool, loader, cfg.write_behind, self.metrics, self.writer)
+            writes = Writes(router, self.pool, loader, cfg.write_behind, self.writer)
             self.readthrough = ReadThrough(router, self.pool, loader, writes)
         else:
             self.readthrough.router, self.readthrough.prefixes = router, router.prefixes

@@ -68,7 +68,6 @@ class Writer:
         self.router = router
         self.cfg = cfg.write_behind
         self.name = name
-        self.metrics = metrics
         self.owned: set[int] = set()
         self.live = 1
         self.pending = 0
@@ -260,7 +259,7 @@ class Writer:
             try:
                 entries.append(Entry.parse(entry_id, fields))
             except (ValueError, IndexError) as exc:
-                await self._dead_raw(entry_id, fields, str(exc))
+                await self._dead_letter(entry_id, fields, "", str(exc), 0)
                 settled.append(entry_id)
         if self.cfg.coalesce:
             last: dict[bytes, Entry] = {}
@@ -337,21 +336,19 @@ class Writer:
         return True
 
     async def _dead(self, stream: bytes, entry: Entry, route, reason: str, attempts: int) -> None:
+        """Dead-letter a parsed entry, and drop its cached value if it is still the key's newest write."""
         name = route.name if route is not None else ""
         log.error("write-behind: dead letter for %r (route %s) after %d attempt(s): %s",
                   entry.key, name or "-", attempts, reason)
-        dead = dead_name(self.cfg.stream_prefix)
-        await self.pool.execute(b"XADD", dead, b"MAXLEN", b"~", DEAD_MAXLEN, b"*", b"id", entry.id,
-                                b"route", name, b"error", reason, b"attempts", attempts, *entry.fields(), key=dead)
+        await self._dead_letter(entry.id, entry.fields(), name, reason, attempts)
         await DONE(self.pool, [stream, entry.key, companion("pend", entry.key)],
                    [GROUP, 1, entry.id, entry.id, "drop", "", 0])
-        self._count(name, "dead")
 
-    async def _dead_raw(self, entry_id: bytes, fields: list, reason: str) -> None:
+    async def _dead_letter(self, entry_id: bytes, fields: list, route: str, reason: str, attempts: int) -> None:
         dead = dead_name(self.cfg.stream_prefix)
         await self.pool.execute(b"XADD", dead, b"MAXLEN", b"~", DEAD_MAXLEN, b"*", b"id", entry_id,
-                                b"route", b"", b"error", reason, b"attempts", 0, *fields, key=dead)
-        self._count("", "dead")
+                                b"route", route, b"error", reason, b"attempts", attempts, *fields, key=dead)
+        self._count(route, "dead")
 
     def _count(self, route: str, what: str, n: int = 1) -> None:
         key = (route, what)

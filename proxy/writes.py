@@ -80,14 +80,13 @@ def compares(name: bytes, args: list[bytes]) -> bool:
 
 
 class Writes:
-    def __init__(self, router, pool, loader: Loader, wb_cfg, metrics, writer=None):
+    def __init__(self, router, pool, loader: Loader, wb_cfg, writer=None):
         self.router = router
         self.pool = pool
         self.loader = loader
         self.cfg = wb_cfg
-        self.metrics = metrics
         self.writer = writer          # notified of new entries so the local flusher wakes at once
-        self._locks: dict[bytes, asyncio.Lock] = {}
+        self._locks: dict[bytes, list] = {}      # key -> [lock, users]: write-through order per key
         self._seq = 0
 
     def reconfigure(self, router, wb_cfg, writer) -> None:
@@ -248,11 +247,10 @@ class Writes:
     # -- write-through ---------------------------------------------------------------------------------
     async def _through(self, route, params: dict, name: bytes, args: list[bytes], proto: int) -> bytes:
         key = args[1]
-        lock = self._locks.get(key)
-        if lock is None:
-            lock = self._locks[key] = asyncio.Lock()
+        entry = self._locks.setdefault(key, [asyncio.Lock(), 0])
+        entry[1] += 1
         try:
-            async with lock:      # this proxy applies one key's writes to the database and cache in order
+            async with entry[0]:      # this proxy applies one key's writes to the database and cache in order
                 op = await self._through_op(route, params, name, args)
                 if op is not None:
                     results = await route.backend.write_batch(route.write_spec, [op])
@@ -260,15 +258,16 @@ class Writes:
                         raise results[0]
                 ttl = ttl_ms(route.ttl) if route.ttl.seconds is not None else 0
                 try:
-                    result = await THROUGH(self.pool, [key, companion("lease", key),
-                                                               companion("neg", key)], [ttl, *args])
+                    result = await THROUGH(self.pool, [key, companion("lease", key), companion("neg", key)],
+                                           [ttl, *args])
                 except UpstreamUnavailable:
                     # The database has the write; the cache is unreachable and will be refilled later.
                     return b":1\r\n" if name in DELETES else OK
                 return _reply(result, proto)
         finally:
-            if not lock.locked() and not getattr(lock, "_waiters", None):
-                self._locks.pop(key, None)
+            entry[1] -= 1
+            if not entry[1]:
+                del self._locks[key]
 
     async def _through_op(self, route, params: dict, name: bytes, args: list[bytes]) -> WriteOp | None:
         self._seq = (self._seq + 1) % (1 << 20)
