@@ -524,14 +524,6 @@ def _check_sections(cfg: Config) -> list[Problem]:
             f"must be >= limits.client_output_soft ({limits.client_output_soft}) or 0 "
             f"(got {limits.client_output_hard})",
             "raise client_output_hard, lower client_output_soft, or set client_output_hard: 0"))
-    if cfg.upstream.cluster:
-        # The queue's scripts touch the data key and its partition stream together: on a cluster those
-        # streams would have to live in each key's own slot, which the flusher does not do yet.
-        for index, route in enumerate(cfg.routes):
-            if route.write is not None and route.write.mode == "write-behind":
-                problems.append(Problem(f"routes[{index}].write.mode",
-                                        "write-behind is not supported with upstream.cluster: true yet",
-                                        "use write-through on a cluster, or a single-node upstream"))
     any_host = ("0.0.0.0", "::", "")
     same_host = cfg.admin.host == cfg.listen.host or cfg.admin.host in any_host or cfg.listen.host in any_host
     if cfg.admin.enabled and cfg.admin.port == cfg.listen.port and same_host:

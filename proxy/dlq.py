@@ -12,9 +12,10 @@ import sys
 
 import redis
 import redis.cluster
+from redis.crc import key_slot
 
 from .config import load_config
-from .wbqueue import dead_name, partition_of, stream_name
+from .wbqueue import Layout, dead_name, dirty_name
 
 META = 8   # id <id> route <route> error <text> attempts <n>, then the entry's own fields
 
@@ -29,11 +30,16 @@ def add_parser(sub) -> None:
     dlq.add_argument("--config", "-c", default=None, help="config file (default: $CACHEPROXY_CONFIG)")
 
 
-def _client(cfg):
-    client = (redis.cluster.RedisCluster if cfg.upstream.cluster else redis.Redis).from_url(cfg.upstream.url)
+def _clients(cfg, dead: bytes):
+    """A client for the upstream, and one for the node that holds the dead letters."""
+    if cfg.upstream.cluster:
+        client = redis.cluster.RedisCluster.from_url(cfg.upstream.url)
+        dead_client = client.get_node_from_key(dead).redis_connection
+    else:
+        client = dead_client = redis.Redis.from_url(cfg.upstream.url)
     # Entries as raw field lists: a hash's fields may repeat the entry's own field names.
-    client.set_response_callback("XRANGE", lambda response, **options: response)
-    return client
+    dead_client.set_response_callback("XRANGE", lambda response, **options: response)
+    return client, dead_client
 
 
 def _text(value: bytes) -> str:
@@ -62,11 +68,16 @@ def run(args, config_path: str | None) -> int:
         print(exc, file=sys.stderr)
         return 2
     wb = cfg.write_behind
+    layout = Layout(wb.stream_prefix, wb.partitions, cfg.upstream.cluster)
     dead = dead_name(wb.stream_prefix)
-    client = _client(cfg)
+    try:
+        client, dead_client = _clients(cfg, dead)
+    except redis.RedisError as exc:
+        print(f"upstream {cfg.upstream.redacted_url}: {exc}", file=sys.stderr)
+        return 1
     try:
         if args.action == "list":
-            rows = client.xrange(dead, count=args.limit)
+            rows = dead_client.xrange(dead, count=args.limit)
             for dead_id, fields in rows:
                 item = _describe(dead_id, fields)
                 if args.json:
@@ -74,12 +85,12 @@ def run(args, config_path: str | None) -> int:
                 else:
                     print(f"{item['dead_id']}  {item.get('op', '?'):4} {item.get('key', '?')}  "
                           f"route={item['route'] or '-'} attempts={item['attempts']}  error: {item['error']}")
-            print(f"{client.xlen(dead)} dead letter(s)", file=sys.stderr)
+            print(f"{dead_client.xlen(dead)} dead letter(s)", file=sys.stderr)
             return 0
         if not args.ids and not args.all:
             print(f"dlq {args.action}: give dead-letter ids, or --all", file=sys.stderr)
             return 2
-        rows = client.xrange(dead) if args.all else [r for i in args.ids for r in client.xrange(dead, i, i)]
+        rows = dead_client.xrange(dead) if args.all else [r for i in args.ids for r in dead_client.xrange(dead, i, i)]
         if not args.all and len(rows) < len(args.ids):
             found = {_text(r[0]) for r in rows}
             print(f"not found: {', '.join(i for i in args.ids if i not in found)}", file=sys.stderr)
@@ -90,9 +101,10 @@ def run(args, config_path: str | None) -> int:
                 if len(entry) < 6:
                     print(f"{_text(dead_id)}: not a queue entry, left in place", file=sys.stderr)
                     continue
-                stream = stream_name(wb.stream_prefix, partition_of(entry[1], wb.partitions))
-                client.execute_command("XADD", stream, "*", *entry)
-            client.xdel(dead, dead_id)
+                client.execute_command("XADD", layout.stream(entry[1]), "*", *entry)
+                if layout.cluster:      # tell the partition's owner where the entry is
+                    client.sadd(dirty_name(wb.stream_prefix, layout.partition(entry[1])), key_slot(entry[1]))
+            dead_client.xdel(dead, dead_id)
             done += 1
         print(f"{args.action}: {done} dead letter(s)")
         return 0

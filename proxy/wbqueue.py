@@ -3,6 +3,8 @@
 
     {prefix}:{p}          stream of partition p: k=<key> o=set|hset|del x=<expire-at ms or ''> payload
                           (set: v=<value>; hset: the hash's field/value pairs after x)
+    {prefix}:s:{tag}      cluster mode: the stream of one hash slot instead (tag: a string in that slot)
+    {prefix}:{p}:dirty    cluster mode: the slots of partition p whose streams may hold entries (a hint)
     {prefix}:{p}:owner    which sidecar flushes partition p: a lease (SET PX), renewed while alive
     {prefix}:dead         dead letters: id, route, error, attempts, then the entry's own fields
     {prefix}:members      live sidecars (ZSET of heartbeats), so partitions are split fairly
@@ -13,13 +15,22 @@ partition is flushed by one sidecar at a time (its owner): the database applies 
 the order the cache took them. The write script updates the cache, appends the entry and marks the
 key pending in one step, so the cache and the queue never disagree. A pending key has no TTL; the
 flusher applies the TTL only after its newest entry landed, so a miss can never load the older row.
+
+On a Redis Cluster a script may only touch keys of one slot, so the stream must live in the data
+key's slot: there is one stream per slot, named with a hash tag that hashes to that slot, and
+partition p owns the slots s with s % partitions == p. The write path adds the slot to the
+partition's dirty set after the script; the owner reads the streams of its dirty slots, and removes
+a slot only when its stream is empty (RETIRE deletes it in the same step). A sidecar that dies
+between the script and the SADD leaves a stream nobody was told about: the flusher also SCANs the
+masters for streams (at start, when it takes a partition over, and every minute).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
-from redis.crc import key_slot
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from .loader import Script
 
@@ -33,6 +44,54 @@ def partition_of(key: bytes, partitions: int) -> int:
 
 def stream_name(prefix: str, partition: int) -> bytes:
     return f"{prefix}:{{{partition}}}".encode()
+
+
+@functools.cache
+def slot_tags() -> tuple[bytes, ...]:
+    """For each hash slot, the first hex number that hashes to it: the same table on every sidecar."""
+    tags: list[bytes | None] = [None] * REDIS_CLUSTER_HASH_SLOTS
+    missing, n = REDIS_CLUSTER_HASH_SLOTS, 0
+    while missing:
+        tag = b"%x" % n
+        slot = key_slot(tag)
+        if tags[slot] is None:
+            tags[slot] = tag
+            missing -= 1
+        n += 1
+    return tuple(tags)
+
+
+def slot_stream_name(prefix: str, slot: int) -> bytes:
+    return b"%s:s:{%s}" % (prefix.encode(), slot_tags()[slot])
+
+
+def slot_stream_pattern(prefix: str) -> bytes:
+    """SCAN MATCH pattern for the slot streams (glob specials in the prefix escaped)."""
+    escaped = "".join("\\" + c if c in "*?[]\\" else c for c in prefix)
+    return f"{escaped}:s:{{*}}".encode()
+
+
+def dirty_name(prefix: str, partition: int) -> bytes:
+    return f"{prefix}:{{{partition}}}:dirty".encode()
+
+
+class Layout:
+    """Where a key's queue entries go: its partition's stream, or (cluster) its slot's stream."""
+
+    def __init__(self, prefix: str, partitions: int, cluster: bool):
+        self.prefix = prefix
+        self.partitions = partitions
+        self.cluster = cluster
+        if cluster:
+            slot_tags()
+
+    def partition(self, key: bytes) -> int:
+        return partition_of(key, self.partitions)
+
+    def stream(self, key: bytes) -> bytes:
+        if self.cluster:
+            return slot_stream_name(self.prefix, key_slot(key))
+        return stream_name(self.prefix, self.partition(key))
 
 
 def owner_name(prefix: str, partition: int) -> bytes:
@@ -65,13 +124,14 @@ class Entry:
     expiry: bytes                 # absolute expire-at in ms, or b"" for the route's TTL policy
     value: bytes | None = None    # set
     pairs: list | None = None     # hset: [(field, value), ...]
+    stream: bytes = b""           # the stream it was read from
 
     @classmethod
-    def parse(cls, entry_id: bytes, fields: list) -> Entry:
+    def parse(cls, entry_id: bytes, fields: list, stream: bytes = b"") -> Entry:
         if len(fields) < FIXED_FIELDS or fields[0] != b"k" or fields[2] != b"o":
             raise ValueError("not a cacheproxy write-behind entry")
         op = fields[3].decode()
-        entry = cls(entry_id, fields[1], op, fields[5])
+        entry = cls(entry_id, fields[1], op, fields[5], stream=stream)
         rest = fields[FIXED_FIELDS:]
         if op == "set":
             entry.value = rest[1] if len(rest) >= 2 else b""
@@ -193,7 +253,16 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# Cluster mode: forget an empty slot stream (and its group); a write after this creates it again.
+# KEYS: stream. Returns the stream's length (0: deleted).
+_RETIRE = """
+local n = redis.call('XLEN', KEYS[1])
+if n == 0 then redis.call('DEL', KEYS[1]) end
+return n
+"""
+
 WRITE = Script(_WRITE)
+RETIRE = Script(_RETIRE)
 DONE = Script(_DONE)
 CLAIM = Script(_CLAIM)
 RELEASE = Script(_RELEASE)

@@ -13,6 +13,10 @@ error, and its cached value is dropped so reads see what the database holds.
 A sidecar that dies leaves its leases to expire (`claim_idle_ms`); whoever takes its partitions
 claims its pending entries (XAUTOCLAIM) and replays them. Backend writes are idempotent (upserts,
 deletes, DynamoDB puts conditional on a version), so a replay is harmless.
+
+On a Redis Cluster a partition is many slot streams (see wbqueue): the owner reads the streams of
+the partition's dirty slots together, so a batch still spans many keys, and acknowledges each
+stream's share in that stream's slot.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ import os
 import random
 import socket
 import time
+from dataclasses import dataclass
 
 from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from redis.crc import key_slot
 
 from .backends.base import BackendError, WriteOp
 from .encoding import from_hash
@@ -37,12 +43,18 @@ from .wbqueue import (
     DONE,
     GROUP,
     RELEASE,
+    RETIRE,
     Entry,
+    Layout,
     dead_name,
+    dirty_name,
     entry_age_ms,
     entry_version,
     members_name,
     owner_name,
+    slot_stream_name,
+    slot_stream_pattern,
+    slot_tags,
     stream_name,
 )
 
@@ -51,6 +63,17 @@ log = logging.getLogger("cacheproxy.writer")
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 FLUSH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 DEAD_MAXLEN = 100_000
+RETIRE_AFTER = 1.0      # cluster mode: an idle slot stream is forgotten after this many seconds
+SWEEP_EVERY = 60.0      # cluster mode: how often the masters are scanned for streams nobody was told about
+
+
+@dataclass
+class _Stream:
+    """A stream the owner of a partition reads."""
+    name: bytes
+    slot: int | None = None      # cluster mode: the slot it belongs to
+    history: bool = True         # read its own pending entries first (after a restart or a claim)
+    seen: float = 0.0            # monotonic time it last had entries
 
 
 def consumer_name(cfg) -> str:
@@ -68,6 +91,7 @@ class Writer:
         self.router = router
         self.cfg = cfg.write_behind
         self.name = name
+        self.layout = Layout(self.cfg.stream_prefix, self.cfg.partitions, cfg.upstream.cluster)
         self.owned: set[int] = set()
         self.live = 1
         self.pending = 0
@@ -76,6 +100,8 @@ class Writer:
         self.counts: dict[tuple[str, str], int] = {}      # (route, landed|dead|retry) -> n
         self._events = [asyncio.Event() for _ in range(self.cfg.partitions)]
         self._tasks: list[asyncio.Task] = []
+        self._partition_tasks: list[asyncio.Task] = []
+        self._sweep_now = asyncio.Event()
         self._stopping = False
         self._last_error = ""       # why the last backend batch failed (for dead letters after max_attempts)
         self.batch_size = Histogram("cacheproxy_writebehind_batch_size", "Writes per backend batch",
@@ -87,19 +113,27 @@ class Writer:
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._heartbeat()), loop.create_task(self._monitor())]
-        self._tasks += [loop.create_task(self._partition(p)) for p in range(self.cfg.partitions)]
+        self._partition_tasks = [loop.create_task(self._partition(p)) for p in range(self.cfg.partitions)]
+        self._tasks = [loop.create_task(self._heartbeat()), loop.create_task(self._monitor()),
+                       *self._partition_tasks]
+        if self.layout.cluster:
+            self._tasks.append(loop.create_task(self._sweep()))
 
     def notify(self, partition: int) -> None:
         self._events[partition].set()
 
+    def sweep_soon(self) -> None:
+        self._sweep_now.set()
+
     def reconfigure(self, cfg, router) -> None:
-        """A reload: new routes and batch settings apply from the next batch (partitions cannot change)."""
+        """A reload: new routes and batch settings apply from the next batch. The queue's layout
+        (partitions, stream_prefix) stays: changing it would strand the entries already queued."""
         self.router = router
-        partitions = self.cfg.partitions
-        self.cfg = cfg.write_behind.model_copy(update={"partitions": partitions})
-        if cfg.write_behind.partitions != partitions:
-            log.warning("write_behind.partitions changes only on restart (keeping %d)", partitions)
+        kept = {"partitions": self.layout.partitions, "stream_prefix": self.layout.prefix}
+        for field, value in kept.items():
+            if getattr(cfg.write_behind, field) != value:
+                log.warning("write_behind.%s changes only on restart (keeping %r)", field, value)
+        self.cfg = cfg.write_behind.model_copy(update=kept)
 
     async def close(self, deadline: float) -> None:
         """SIGTERM: flush what is already queued until `deadline` (loop time); the rest stays queued."""
@@ -107,9 +141,8 @@ class Writer:
         for event in self._events:
             event.set()
         loop = asyncio.get_running_loop()
-        partition_tasks = self._tasks[2:]
-        if partition_tasks:
-            await asyncio.wait(partition_tasks, timeout=max(0.0, deadline - loop.time()))
+        if self._partition_tasks:
+            await asyncio.wait(self._partition_tasks, timeout=max(0.0, deadline - loop.time()))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -151,22 +184,29 @@ class Writer:
             self.owned.discard(partition)
             return False
         if partition not in self.owned:
-            stream = stream_name(self.cfg.stream_prefix, partition)
-            reply = await self.pool.execute(b"XGROUP", b"CREATE", stream, GROUP, b"0", b"MKSTREAM", key=stream)
-            if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
-                raise UpstreamUnavailable(str(reply))
-            cursor = b"0-0"
-            while True:
-                reply = await self.pool.execute(b"XAUTOCLAIM", stream, GROUP, self.name, 0, cursor,
-                                                b"COUNT", 1000, b"JUSTID", key=stream)
-                if isinstance(reply, Exception):
-                    raise UpstreamUnavailable(str(reply))
-                cursor = reply[0]
-                if cursor in (b"0-0", "0-0"):
-                    break
+            if self.layout.cluster:
+                self._sweep_now.set()     # a dead owner may have left streams out of the dirty set
+            else:
+                await self._activate(stream_name(self.cfg.stream_prefix, partition))
             self.owned.add(partition)
             log.debug("write-behind: now flushing partition %d", partition)
         return True
+
+    async def _activate(self, stream: bytes) -> None:
+        """Before reading a stream: make sure the group exists, and take over every entry another
+        consumer read but never acknowledged (only the partition's owner gets here)."""
+        reply = await self.pool.execute(b"XGROUP", b"CREATE", stream, GROUP, b"0", b"MKSTREAM", key=stream)
+        if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
+            raise UpstreamUnavailable(str(reply))
+        cursor = b"0-0"
+        while True:
+            reply = await self.pool.execute(b"XAUTOCLAIM", stream, GROUP, self.name, 0, cursor,
+                                            b"COUNT", 1000, b"JUSTID", key=stream)
+            if isinstance(reply, Exception):
+                raise UpstreamUnavailable(str(reply))
+            cursor = reply[0]
+            if cursor in (b"0-0", "0-0"):
+                break
 
     # -- one partition -----------------------------------------------------------------------------
     async def _partition(self, partition: int) -> None:
@@ -197,11 +237,14 @@ class Writer:
 
     async def _drain(self, partition: int) -> None:
         """Flush batches while this sidecar owns the partition; returns when it should re-check."""
-        stream = stream_name(self.cfg.stream_prefix, partition)
         renew_every = self.cfg.claim_idle_ms / 3000
         renewed = time.monotonic()
-        history = True          # own pending entries first (after a restart or a claim), then new ones
         poll = min(0.25, renew_every)
+        streams: dict[bytes, _Stream] = {}
+        if not self.layout.cluster:
+            name = stream_name(self.cfg.stream_prefix, partition)
+            streams[name] = _Stream(name)
+        tidied = time.monotonic()
         while True:
             if not self._stopping and time.monotonic() - renewed > renew_every:
                 if not await self._claim(partition):
@@ -211,37 +254,105 @@ class Writer:
             if not self._stopping and len(self.owned) > self.share:
                 await self._release(partition)
                 return
+            if self.layout.cluster:
+                await self._discover(partition, streams)
+                if time.monotonic() - tidied > RETIRE_AFTER:
+                    await self._retire(partition, streams)
+                    tidied = time.monotonic()
             cfg = self.cfg
-            entries = await self._read(stream, b"0" if history else b">", cfg.batch_size)
-            if history and not entries:
-                history = False
-                continue
+            history = any(s.history for s in streams.values())
+            entries = await self._read_many(partition, streams, cfg.batch_size)
             if not entries:
+                if history:
+                    continue         # own pending entries done: now the new ones
                 if self._stopping:
                     return
                 await self._wait(partition, poll)
                 continue
             if not history and not self._stopping and len(entries) < cfg.batch_size and cfg.max_delay_ms:
-                due = int(entries[0][0].partition(b"-")[0]) + cfg.max_delay_ms
+                due = min(int(entry_id.partition(b"-")[0]) for _, entry_id, _ in entries) + cfg.max_delay_ms
                 while len(entries) < cfg.batch_size and not self._stopping:
                     left = due - time.time() * 1000
                     if left <= 0:
                         break
                     await self._wait(partition, min(left / 1000, poll))
-                    entries += await self._read(stream, b">", cfg.batch_size - len(entries))
-            await self._flush(stream, entries)
+                    entries += await self._read_many(partition, streams, cfg.batch_size - len(entries))
+            await self._flush(entries)
+
+    async def _discover(self, partition: int, streams: dict[bytes, _Stream]) -> None:
+        """Cluster mode: start reading the streams of the partition's dirty slots."""
+        dirty = dirty_name(self.cfg.stream_prefix, partition)
+        members = await self.pool.execute(b"SMEMBERS", dirty, key=dirty)
+        if isinstance(members, Exception):
+            raise UpstreamUnavailable(str(members))
+        new = []
+        for member in members:
+            try:
+                slot = int(member)
+            except ValueError:
+                continue
+            name = slot_stream_name(self.cfg.stream_prefix, slot)
+            if slot % self.layout.partitions == partition and name not in streams:
+                new.append(_Stream(name, slot, seen=time.monotonic()))
+        await asyncio.gather(*(self._activate(stream.name) for stream in new))
+        streams.update((stream.name, stream) for stream in new)
+
+    async def _retire(self, partition: int, streams: dict[bytes, _Stream]) -> None:
+        """Cluster mode: forget slot streams idle for RETIRE_AFTER. The slot leaves the dirty set
+        before its stream is checked (and deleted if empty): a write after that check adds it back."""
+        dirty = dirty_name(self.cfg.stream_prefix, partition)
+        now = time.monotonic()
+        idle = [s for s in streams.values() if not s.history and now - s.seen > RETIRE_AFTER]
+
+        async def retire(stream: _Stream) -> None:
+            await self.pool.execute(b"SREM", dirty, stream.slot, key=dirty)
+            if await RETIRE(self.pool, [stream.name], []):
+                await self.pool.execute(b"SADD", dirty, stream.slot, key=dirty)
+                stream.seen = now
+            else:
+                del streams[stream.name]
+        await asyncio.gather(*(retire(stream) for stream in idle))
 
     async def _release(self, partition: int) -> None:
         await RELEASE(self.pool, [owner_name(self.cfg.stream_prefix, partition)], [self.name])
         self.owned.discard(partition)
         log.info("write-behind: handed partition %d over (fair share is %d)", partition, self.share)
 
-    async def _read(self, stream: bytes, start: bytes, count: int) -> list:
+    async def _read_many(self, partition: int, streams: dict[bytes, _Stream], count: int) -> list:
+        """Up to about `count` entries from the streams, as (stream, id, fields): a stream still in
+        its history gives its own pending entries, the others new ones."""
+        chosen = list(streams.values())
+        if not chosen:
+            return []
+        each = count if len(chosen) == 1 else max(8, -(-count // len(chosen)))
+        replies = await asyncio.gather(*(self._read(s, each) for s in chosen), return_exceptions=True)
+        out, failure = [], None
+        now = time.monotonic()
+        for stream, rows in zip(chosen, replies, strict=True):
+            if isinstance(rows, BaseException):
+                failure = failure or rows
+                if "NOGROUP" in str(rows):       # the stream was deleted (FLUSHALL): set it up again
+                    if self.layout.cluster:
+                        del streams[stream.name]
+                    else:
+                        self.owned.clear()
+                continue
+            if rows:
+                stream.seen = now
+                out += [(stream.name, entry_id, fields) for entry_id, fields in rows]
+            elif stream.history:
+                stream.history = False
+        if failure is not None:
+            # What the other streams gave is now pending to this consumer: the next pass (or the next
+            # owner) reads it again as history.
+            raise failure if isinstance(failure, UpstreamUnavailable) else UpstreamUnavailable(str(failure))
+        return out
+
+    async def _read(self, stream: _Stream, count: int) -> list:
+        start = b"0" if stream.history else b">"
         reply = await self.pool.execute(b"XREADGROUP", b"GROUP", GROUP, self.name, b"COUNT", count,
-                                        b"STREAMS", stream, start, key=stream)
+                                        b"STREAMS", stream.name, start, key=stream.name)
         if isinstance(reply, Exception):
-            if "NOGROUP" in str(reply):
-                self.owned.clear()        # the stream was deleted (FLUSHALL): claim again, recreating it
             raise UpstreamUnavailable(str(reply))
         if not reply:
             return []
@@ -250,22 +361,23 @@ class Writer:
         return list(reply[0][1])
 
     # -- one batch ---------------------------------------------------------------------------------
-    async def _flush(self, stream: bytes, raw: list) -> None:
-        entries, settled = [], []           # settled: ids to acknowledge without a key to finish
-        for entry_id, fields in raw:
+    async def _flush(self, raw: list) -> None:
+        entries: list[Entry] = []
+        settled: dict[bytes, list] = {}     # stream -> ids to acknowledge without a key to finish
+        for stream, entry_id, fields in raw:
             if not fields:                  # deleted from the stream after it was read (XDEL): nothing to do
-                settled.append(entry_id)
+                settled.setdefault(stream, []).append(entry_id)
                 continue
             try:
-                entries.append(Entry.parse(entry_id, fields))
+                entries.append(Entry.parse(entry_id, fields, stream))
             except (ValueError, IndexError) as exc:
                 await self._dead_letter(entry_id, fields, "", str(exc), 0)
-                settled.append(entry_id)
+                settled.setdefault(stream, []).append(entry_id)
         if self.cfg.coalesce:
             last: dict[bytes, Entry] = {}
             for entry in entries:
-                if entry.key in last:
-                    settled.append(last.pop(entry.key).id)    # superseded by a later write in the batch
+                if entry.key in last:       # superseded by a later write in the batch (same stream)
+                    settled.setdefault(entry.stream, []).append(last.pop(entry.key).id)
                 last[entry.key] = entry
             entries = list(last.values())
         groups: dict = {}
@@ -273,19 +385,19 @@ class Writer:
             hit = self.router.match(entry.key)
             route = hit[0] if hit is not None else None
             if route is None or route.write_spec is None:
-                await self._dead(stream, entry, None, "no write route matches the key (config changed?)", 0)
+                await self._dead(entry, None, "no write route matches the key (config changed?)", 0)
                 continue
             try:
                 op = _op(route, hit[1], entry)
             except ValueError as exc:
-                await self._dead(stream, entry, route, str(exc), 0)
+                await self._dead(entry, route, str(exc), 0)
                 continue
             groups.setdefault(route, []).append((entry, op))
         attempts = 0
         while groups:
             for route in list(groups):
                 items = groups[route]
-                if await self._write(stream, route, items, attempts):
+                if await self._write(route, items, attempts):
                     del groups[route]
             if not groups:
                 break
@@ -293,16 +405,15 @@ class Writer:
             if attempts >= self.cfg.max_attempts:
                 for route, items in groups.items():
                     for entry, _ in items:
-                        await self._dead(stream, entry, route, self._last_error, attempts)
+                        await self._dead(entry, route, self._last_error, attempts)
                 break
             if self._stopping:
                 return          # shutting down: the entries stay pending for the next owner
             delay = min(self.cfg.retry_max_ms, self.cfg.retry_base_ms * 2 ** (attempts - 1)) / 1000
             await asyncio.sleep(delay * (0.5 + random.random()))
-        if settled:
-            await DONE(self.pool, [stream], [GROUP, len(settled), *settled])
+        await asyncio.gather(*(DONE(self.pool, [stream], [GROUP, len(ids), *ids]) for stream, ids in settled.items()))
 
-    async def _write(self, stream: bytes, route, items: list, attempts: int) -> bool:
+    async def _write(self, route, items: list, attempts: int) -> bool:
         """One route's share of a batch; False when it must be retried (the database is unavailable)."""
         backend = route.backend_name
         ops = [op for _, op in items if op is not None]
@@ -324,24 +435,30 @@ class Writer:
             if result is None:
                 landed.append(entry)
             else:
-                await self._dead(stream, entry, route, str(result), attempts + 1)
+                await self._dead(entry, route, str(result), attempts + 1)
         if landed:
             ttl = ttl_ms(route.ttl) if route.ttl.seconds is not None else 0
-            keys, args = [stream], [GROUP, len(landed), *(e.id for e in landed)]
+            by_stream: dict[bytes, list[Entry]] = {}
             for entry in landed:
-                keys += [entry.key, companion("pend", entry.key)]
-                args += [entry.id, "ttl", entry.expiry, ttl]
-            await DONE(self.pool, keys, args)
+                by_stream.setdefault(entry.stream, []).append(entry)
+
+            async def done(stream: bytes, group: list[Entry]) -> None:
+                keys, args = [stream], [GROUP, len(group), *(e.id for e in group)]
+                for entry in group:
+                    keys += [entry.key, companion("pend", entry.key)]
+                    args += [entry.id, "ttl", entry.expiry, ttl]
+                await DONE(self.pool, keys, args)
+            await asyncio.gather(*(done(stream, group) for stream, group in by_stream.items()))
             self._count(route.name, "landed", len(landed))
         return True
 
-    async def _dead(self, stream: bytes, entry: Entry, route, reason: str, attempts: int) -> None:
+    async def _dead(self, entry: Entry, route, reason: str, attempts: int) -> None:
         """Dead-letter a parsed entry, and drop its cached value if it is still the key's newest write."""
         name = route.name if route is not None else ""
         log.error("write-behind: dead letter for %r (route %s) after %d attempt(s): %s",
                   entry.key, name or "-", attempts, reason)
         await self._dead_letter(entry.id, entry.fields(), name, reason, attempts)
-        await DONE(self.pool, [stream, entry.key, companion("pend", entry.key)],
+        await DONE(self.pool, [entry.stream, entry.key, companion("pend", entry.key)],
                    [GROUP, 1, entry.id, entry.id, "drop", "", 0])
 
     async def _dead_letter(self, entry_id: bytes, fields: list, route: str, reason: str, attempts: int) -> None:
@@ -361,7 +478,7 @@ class Writer:
         while True:
             await asyncio.sleep(1.0)
             try:
-                streams = [stream_name(prefix, p) for p in range(self.cfg.partitions)]
+                streams = await self._all_streams()
                 depths = await asyncio.gather(*(self.pool.execute(b"XLEN", s, key=s) for s in streams))
                 firsts = await asyncio.gather(*(self.pool.execute(b"XRANGE", s, b"-", b"+", b"COUNT", 1, key=s)
                                                 for s in streams))
@@ -375,6 +492,55 @@ class Writer:
                 pass
             except Exception:
                 log.exception("write-behind monitor failed")
+
+    async def _all_streams(self) -> list[bytes]:
+        prefix, partitions = self.cfg.stream_prefix, self.layout.partitions
+        if not self.layout.cluster:
+            return [stream_name(prefix, p) for p in range(partitions)]
+        dirty = [dirty_name(prefix, p) for p in range(partitions)]
+        sets = await asyncio.gather(*(self.pool.execute(b"SMEMBERS", d, key=d) for d in dirty))
+        return [slot_stream_name(prefix, int(slot)) for members in sets if isinstance(members, list)
+                for slot in members if slot.isdigit() and int(slot) < len(slot_tags())]
+
+    # -- cluster mode: streams nobody was told about -----------------------------------------------
+    async def _sweep(self) -> None:
+        """SCAN the masters for slot streams and mark their slots dirty: a sidecar that died between
+        a write's script and its SADD (or a failover that lost the SADD) leaves such a stream."""
+        while True:
+            try:
+                await asyncio.wait_for(self._sweep_now.wait(), SWEEP_EVERY)
+            except TimeoutError:
+                pass
+            self._sweep_now.clear()
+            if not self.owned:
+                continue                   # the owners sweep
+            try:
+                await self._sweep_once()
+            except UpstreamUnavailable:
+                self._sweep_now.set()
+                await asyncio.sleep(1.0)
+            except Exception:
+                log.exception("write-behind sweep failed")
+
+    async def _sweep_once(self) -> None:
+        prefix, partitions = self.cfg.stream_prefix, self.layout.partitions
+        found: dict[int, set[int]] = {}
+        cursor = b"0"
+        while True:
+            reply = await self.pool.execute(b"SCAN", cursor, b"MATCH", slot_stream_pattern(prefix),
+                                            b"COUNT", 1000, b"TYPE", b"stream")
+            if isinstance(reply, Exception):
+                raise UpstreamUnavailable(str(reply))
+            cursor, names = reply[0], reply[1]
+            for name in names:
+                slot = key_slot(name)
+                found.setdefault(slot % partitions, set()).add(slot)
+            if int(cursor) == 0:
+                break
+        for partition, slots in found.items():
+            dirty = dirty_name(prefix, partition)
+            await self.pool.execute(b"SADD", dirty, *sorted(slots), key=dirty)
+            self.notify(partition)
 
     def collect(self):
         yield GaugeMetricFamily("cacheproxy_writebehind_pending", "Writes queued and not yet in the database",

@@ -19,12 +19,14 @@ import asyncio
 import logging
 import time
 
+from redis.crc import key_slot
+
 from .backends.base import BackendError, WriteOp
 from .codec import OK, encode_reply, error
 from .encoding import from_hash
 from .loader import Loader, Outcome, Script, companion, ttl_ms
 from .upstream import UpstreamUnavailable
-from .wbqueue import WRITE, partition_of, stream_name
+from .wbqueue import WRITE, dirty_name
 
 log = logging.getLogger("cacheproxy.writes")
 
@@ -161,7 +163,9 @@ class Writes:
                     reply = await self._behind(route, params, name, args, proto)
                 except UpstreamUnavailable:
                     # The queue lives on the upstream: without it, only the database can take the write.
-                    if needs_state(name, args) and name not in DELETES:
+                    # Not on a cluster: there a slot is down only while a replica takes over, and its
+                    # queued entries survive to land after (and over) a write-through.
+                    if self.writer.layout.cluster or (needs_state(name, args) and name not in DELETES):
                         raise
                     reply = await self._through(route, params, name, args, proto)
             else:
@@ -212,11 +216,10 @@ class Writes:
     # -- write-behind ----------------------------------------------------------------------------------
     async def _behind(self, route, params: dict, name: bytes, args: list[bytes], proto: int) -> bytes:
         key = args[1]
-        partitions = self.cfg.partitions
-        partition = partition_of(key, partitions)
-        keys = [key, companion("pend", key), companion("lease", key), companion("neg", key),
-                stream_name(self.cfg.stream_prefix, partition)]
-        cap = -(-self.cfg.max_pending // partitions)
+        layout = self.writer.layout       # a write-behind route always has a flusher (server.install_routes)
+        partition = layout.partition(key)
+        keys = [key, companion("pend", key), companion("lease", key), companion("neg", key), layout.stream(key)]
+        cap = -(-self.cfg.max_pending // layout.partitions)
         state = "1" if needs_state(name, args) else "0"
         compare = "1" if compares(name, args) else "0"
         for _ in range(3):
@@ -240,7 +243,17 @@ class Writes:
             raise WriteRefused(
                 f"ERR write-behind queue full: {result[1]} writes wait in partition {partition} "
                 f"(write_behind.max_pending {self.cfg.max_pending}); retry later")
-        if self.writer is not None and (len(result) > 2 or (status == b"OK" and len(result) > 1)):
+        if len(result) > 2 or (status == b"OK" and len(result) > 1):      # an entry was queued
+            if layout.cluster:
+                # Tell the partition's owner (maybe another sidecar) which slot stream has entries. A
+                # crash before this SADD is caught by the owners' sweep.
+                dirty = dirty_name(layout.prefix, partition)
+                try:
+                    await self.pool.execute(b"SADD", dirty, key_slot(key), key=dirty)
+                except UpstreamUnavailable as exc:      # the write is queued: answer it all the same
+                    log.warning("write-behind: could not mark slot %d dirty (%s); the sweep will find it",
+                                key_slot(key), exc)
+                    self.writer.sweep_soon()
             self.writer.notify(partition)
         return _reply(result, proto)
 

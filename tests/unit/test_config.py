@@ -631,13 +631,13 @@ def test_empty_sections_mean_defaults(tmp_path):
         load_config(write(tmp_path, "listen:\n  port:\n"), env={})
 
 
-def test_write_behind_on_a_cluster_is_refused_with_a_fix():
+def test_write_behind_and_write_through_load_on_a_cluster():
     route = {"key": "user:{id:int}", "backend": "main",
              "read": {"query": "SELECT * FROM users WHERE id = $1"},
              "write": {"mode": "write-behind", "upsert": "INSERT INTO users VALUES ($1, $2)", "fields": ["name"],
                        "delete": "DELETE FROM users WHERE id = $1"}}
     data = with_routes(route)
     data["upstream"] = {"cluster": True, "url": "redis://127.0.0.1:7000"}
-    assert_problem(error_of(data), "routes[0].write.mode", "not supported with upstream.cluster", "write-through")
+    assert config_from_dict(data).routes[0].write.mode == "write-behind"
     route["write"]["mode"] = "write-through"
     assert config_from_dict(data).routes[0].write.mode == "write-through"
