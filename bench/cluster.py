@@ -8,6 +8,9 @@ cluster mode, on free loopback ports. The same load code runs against both targe
     direct  redis.cluster.RedisCluster to the cluster (the client routes by slot itself)
 Workloads: `getset` (GET or SET, 50/50, random keys of 10,000, 64-byte values) and `mget10` (MGET of
 10 random keys, spread over slots; RedisCluster's mget_nonatomic, which splits the same way).
+Write-behind on the cluster (proxy only: a direct client has no queue): `set` (plain SET of 10,000
+keys) against `wbset` (SET of 10,000 keys on a write-behind route into a scratch Postgres schema), and
+how long the queue takes to drain after the `wbset` load stops.
 `--workers` processes each run one client in a loop for `--seconds` (bounded by time and count);
 each round runs every target in turn, and the tables show medians of the rounds. Every process
 started here is stopped by PID at the end.
@@ -16,6 +19,7 @@ started here is stopped by PID at the end.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import multiprocessing
 import random
 import statistics
@@ -24,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import asyncpg
 import redis
 import yaml
 
@@ -41,6 +46,7 @@ from common import (  # noqa: E402
     write_result,
 )
 
+DSN = "postgresql://postgres@127.0.0.1:5432/test"
 KEYS = 10_000
 VALUE = b"x" * 64
 MAX_OPS = 5_000_000      # per worker and run: a bound besides the duration
@@ -64,7 +70,9 @@ def worker(target: str, address, workload: str, seconds: float, seed: int, out) 
     end = start + seconds
     now = start
     while now < end and ops < MAX_OPS:
-        if workload == "getset":
+        if workload in ("set", "wbset"):
+            client.set(f"{'wb' if workload == 'wbset' else 'bench'}:{rng.randrange(KEYS)}", VALUE)
+        elif workload == "getset":
             key = keys[rng.randrange(KEYS)]
             if rng.random() < 0.5:
                 client.get(key)
@@ -98,6 +106,32 @@ def run_load(target: str, address, workload: str, seconds: float, workers: int) 
     return rate, (p50 or 0) * 1000
 
 
+def pg(sql: str) -> None:
+    async def go():
+        conn = await asyncpg.connect(DSN)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+    asyncio.run(go())
+
+
+def queue_pending(admin_port: int) -> float:
+    import urllib.request
+    body = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+               if line.startswith("cacheproxy_writebehind_pending "))
+
+
+def wait_drained(admin_port: int, timeout: float = 120.0) -> float:
+    """Seconds until the queue is empty (the gauge is read once a second, so +-1 s)."""
+    start = time.monotonic()
+    time.sleep(1.5)
+    while queue_pending(admin_port) > 0 and time.monotonic() - start < timeout:
+        time.sleep(0.2)
+    return time.monotonic() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -115,13 +149,21 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
     cluster = RedisCluster(workdir / "cluster")
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    drains: list[float] = []
+    schema = f"bench_cluster_{random.randrange(1 << 30):x}"
+    pg(f"CREATE SCHEMA {schema}; CREATE TABLE {schema}.items (id bigint PRIMARY KEY, value text)")
     try:
         cluster.start()
         with Procs(workdir) as procs:
-            port = free_port()
+            port, admin_port = free_port(), free_port()
+            route = {"key": "wb:{id:int}", "backend": "main",
+                     "read": {"query": f"SELECT value FROM {schema}.items WHERE id = $1", "as": "string"},
+                     "write": {"mode": "write-behind", "table": f"{schema}.items", "key_columns": ["id"],
+                               "fields": ["value"]}}
             config = {"listen": {"host": "127.0.0.1", "port": port},
                       "upstream": {"url": cluster.url, "cluster": True, "pool_size": args.pool_size},
-                      "admin": {"enabled": False}, "log": {"level": "warning"}}
+                      "backends": {"main": {"type": "postgres", "dsn": DSN}}, "routes": [route],
+                      "admin": {"enabled": True, "port": admin_port}, "log": {"level": "warning"}}
             config_path = workdir / "proxy.yaml"
             config_path.write_text(yaml.safe_dump(config))
             proc, log = procs.start("proxy", [sys.executable, "-m", "proxy", "serve", "--config", str(config_path)],
@@ -138,8 +180,16 @@ def main() -> None:
                         results.setdefault((workload, target), []).append((rate, p50))
                         print(f"round {round_no + 1} {workload} {target}: {rate:,.0f} ops/s, p50 {p50:.3f} ms",
                               file=sys.stderr)
+                for workload in ("set", "wbset"):
+                    rate, p50 = run_load("proxy", port, workload, args.seconds, args.workers)
+                    results.setdefault((workload, "proxy"), []).append((rate, p50))
+                    print(f"round {round_no + 1} {workload} proxy: {rate:,.0f} ops/s, p50 {p50:.3f} ms",
+                          file=sys.stderr)
+                drains.append(wait_drained(admin_port))
+                print(f"round {round_no + 1} queue drained {drains[-1]:.1f} s after the load", file=sys.stderr)
     finally:
         cluster.stop()
+        pg(f"DROP SCHEMA {schema} CASCADE")
     rows = []
     for workload in ("getset", "mget10"):
         direct = median([r for r, _ in results[(workload, "direct")]])
@@ -147,6 +197,11 @@ def main() -> None:
         rows.append([workload, f"{direct:,.0f}", f"{median([p for _, p in results[(workload, 'direct')]]):.3f}",
                      f"{proxy:,.0f}", f"{median([p for _, p in results[(workload, 'proxy')]]):.3f}",
                      f"{proxy / direct:.2f}x"])
+    wb_rows = []
+    for workload, label in (("set", "plain SET via proxy"), ("wbset", "write-behind SET via proxy")):
+        runs = results[(workload, "proxy")]
+        wb_rows.append([label, f"{median([r for r, _ in runs]):,.0f}", f"{median([p for _, p in runs]):.3f}"])
+    wb_ratio = median([r for r, _ in results[("wbset", "proxy")]]) / median([r for r, _ in results[("set", "proxy")]])
     info = machine_info()
     text = "\n".join([
         f"Command: `.venv/bin/python bench/cluster.py --rounds {args.rounds} --seconds {args.seconds:g} "
@@ -156,6 +211,11 @@ def main() -> None:
         "",
         md_table(["workload", "RedisCluster direct ops/s", "direct p50 ms", "via proxy ops/s", "proxy p50 ms",
                   "proxy/direct"], rows),
+        "",
+        md_table(["write on the cluster", "ops/s", "p50 ms"], wb_rows),
+        "",
+        f"write-behind/plain SET: {wb_ratio:.2f}x; queue empty {median(drains):.1f} s (median) after each "
+        f"{args.seconds:g} s write-behind load stopped.",
         "",
     ])
     print(text)

@@ -4,7 +4,7 @@
     {prefix}:{p}          stream of partition p: k=<key> o=set|hset|del x=<expire-at ms or ''> payload
                           (set: v=<value>; hset: the hash's field/value pairs after x)
     {prefix}:s:{tag}      cluster mode: the stream of one hash slot instead (tag: a string in that slot)
-    {prefix}:{p}:dirty    cluster mode: the slots of partition p whose streams may hold entries (a hint)
+    {prefix}:{p}:dirty    cluster mode: slots of partition p written since its owner last looked
     {prefix}:{p}:owner    which sidecar flushes partition p: a lease (SET PX), renewed while alive
     {prefix}:dead         dead letters: id, route, error, attempts, then the entry's own fields
     {prefix}:members      live sidecars (ZSET of heartbeats), so partitions are split fairly
@@ -18,11 +18,12 @@ flusher applies the TTL only after its newest entry landed, so a miss can never 
 
 On a Redis Cluster a script may only touch keys of one slot, so the stream must live in the data
 key's slot: there is one stream per slot, named with a hash tag that hashes to that slot, and
-partition p owns the slots s with s % partitions == p. The write path adds the slot to the
-partition's dirty set after the script; the owner reads the streams of its dirty slots, and removes
-a slot only when its stream is empty (RETIRE deletes it in the same step). A sidecar that dies
-between the script and the SADD leaves a stream nobody was told about: the flusher also SCANs the
-masters for streams (at start, when it takes a partition over, and every minute).
+partition p owns the slots s with s % partitions == p. After the script, the write path adds the
+slot to the partition's dirty set (news for the owner); the owner pops the dirty slots and reads
+their streams until a read comes back short. A sidecar that dies between the script and the SADD
+leaves entries nobody was told about: the owners also SCAN the masters for non-empty slot streams
+(when they take a partition, and every minute). A drained stream stays as an empty key: at most one
+per slot.
 """
 
 from __future__ import annotations
@@ -253,16 +254,7 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# Cluster mode: forget an empty slot stream (and its group); a write after this creates it again.
-# KEYS: stream. Returns the stream's length (0: deleted).
-_RETIRE = """
-local n = redis.call('XLEN', KEYS[1])
-if n == 0 then redis.call('DEL', KEYS[1]) end
-return n
-"""
-
 WRITE = Script(_WRITE)
-RETIRE = Script(_RETIRE)
 DONE = Script(_DONE)
 CLAIM = Script(_CLAIM)
 RELEASE = Script(_RELEASE)

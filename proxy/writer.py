@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS as SLOTS
 from redis.crc import key_slot
 
 from .backends.base import BackendError, WriteOp
@@ -43,7 +44,6 @@ from .wbqueue import (
     DONE,
     GROUP,
     RELEASE,
-    RETIRE,
     Entry,
     Layout,
     dead_name,
@@ -54,7 +54,6 @@ from .wbqueue import (
     owner_name,
     slot_stream_name,
     slot_stream_pattern,
-    slot_tags,
     stream_name,
 )
 
@@ -63,7 +62,6 @@ log = logging.getLogger("cacheproxy.writer")
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 FLUSH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 DEAD_MAXLEN = 100_000
-RETIRE_AFTER = 1.0      # cluster mode: an idle slot stream is forgotten after this many seconds
 SWEEP_EVERY = 60.0      # cluster mode: how often the masters are scanned for streams nobody was told about
 
 
@@ -73,7 +71,6 @@ class _Stream:
     name: bytes
     slot: int | None = None      # cluster mode: the slot it belongs to
     history: bool = True         # read its own pending entries first (after a restart or a claim)
-    seen: float = 0.0            # monotonic time it last had entries
 
 
 def consumer_name(cfg) -> str:
@@ -101,6 +98,7 @@ class Writer:
         self._events = [asyncio.Event() for _ in range(self.cfg.partitions)]
         self._tasks: list[asyncio.Task] = []
         self._partition_tasks: list[asyncio.Task] = []
+        self._active: dict[int, dict[bytes, _Stream]] = {}     # partition -> streams being read
         self._sweep_now = asyncio.Event()
         self._stopping = False
         self._last_error = ""       # why the last backend batch failed (for dead letters after max_attempts)
@@ -237,14 +235,23 @@ class Writer:
 
     async def _drain(self, partition: int) -> None:
         """Flush batches while this sidecar owns the partition; returns when it should re-check."""
-        renew_every = self.cfg.claim_idle_ms / 3000
-        renewed = time.monotonic()
-        poll = min(0.25, renew_every)
         streams: dict[bytes, _Stream] = {}
+        self._active[partition] = streams
         if not self.layout.cluster:
             name = stream_name(self.cfg.stream_prefix, partition)
             streams[name] = _Stream(name)
-        tidied = time.monotonic()
+            await self._drain_streams(partition, streams, set())
+            return
+        try:
+            await self._drain_streams(partition, streams, set())
+        finally:
+            await self._give_back(partition, streams)
+
+    async def _drain_streams(self, partition: int, streams: dict[bytes, _Stream], ready: set[bytes]) -> None:
+        renew_every = self.cfg.claim_idle_ms / 3000
+        renewed = time.monotonic()
+        poll = min(0.25, renew_every)
+        cluster = self.layout.cluster
         while True:
             if not self._stopping and time.monotonic() - renewed > renew_every:
                 if not await self._claim(partition):
@@ -254,14 +261,11 @@ class Writer:
             if not self._stopping and len(self.owned) > self.share:
                 await self._release(partition)
                 return
-            if self.layout.cluster:
-                await self._discover(partition, streams)
-                if time.monotonic() - tidied > RETIRE_AFTER:
-                    await self._retire(partition, streams)
-                    tidied = time.monotonic()
             cfg = self.cfg
+            if cluster:
+                await self._take_news(partition, streams, ready)
             history = any(s.history for s in streams.values())
-            entries = await self._read_many(partition, streams, cfg.batch_size)
+            entries = await self._read_many(streams, cfg.batch_size)
             if not entries:
                 if history:
                     continue         # own pending entries done: now the new ones
@@ -271,77 +275,82 @@ class Writer:
                 continue
             if not history and not self._stopping and len(entries) < cfg.batch_size and cfg.max_delay_ms:
                 due = min(int(entry_id.partition(b"-")[0]) for _, entry_id, _ in entries) + cfg.max_delay_ms
-                while len(entries) < cfg.batch_size and not self._stopping:
+                if cluster:
+                    # Many slot streams: one more look when the batch is due, not one per write.
+                    while not self._stopping and (left := due - time.time() * 1000) > 0:
+                        await asyncio.sleep(min(left / 1000, 0.1))
+                    await self._take_news(partition, streams, ready)
+                    entries += await self._read_many(streams, cfg.batch_size - len(entries))
+                while not cluster and len(entries) < cfg.batch_size and not self._stopping:
                     left = due - time.time() * 1000
                     if left <= 0:
                         break
                     await self._wait(partition, min(left / 1000, poll))
-                    entries += await self._read_many(partition, streams, cfg.batch_size - len(entries))
+                    entries += await self._read_many(streams, cfg.batch_size - len(entries))
             await self._flush(entries)
 
-    async def _discover(self, partition: int, streams: dict[bytes, _Stream]) -> None:
-        """Cluster mode: start reading the streams of the partition's dirty slots."""
+    async def _take_news(self, partition: int, streams: dict[bytes, _Stream], ready: set[bytes]) -> None:
+        """Cluster mode: pop the slots written since the last look from the partition's dirty set, and
+        read their streams from now on (until a read finds no more)."""
         dirty = dirty_name(self.cfg.stream_prefix, partition)
-        members = await self.pool.execute(b"SMEMBERS", dirty, key=dirty)
+        members = await self.pool.execute(b"SPOP", dirty, 1024, key=dirty)
         if isinstance(members, Exception):
             raise UpstreamUnavailable(str(members))
         new = []
-        for member in members:
+        for member in members or ():
             try:
                 slot = int(member)
             except ValueError:
                 continue
             name = slot_stream_name(self.cfg.stream_prefix, slot)
             if slot % self.layout.partitions == partition and name not in streams:
-                new.append(_Stream(name, slot, seen=time.monotonic()))
-        await asyncio.gather(*(self._activate(stream.name) for stream in new))
+                # First time in this ownership: own pending entries first, and take over a dead owner's.
+                new.append(_Stream(name, slot, history=name not in ready))
         streams.update((stream.name, stream) for stream in new)
+        await asyncio.gather(*(self._activate(stream.name) for stream in new if stream.history))
+        ready.update(stream.name for stream in new)
 
-    async def _retire(self, partition: int, streams: dict[bytes, _Stream]) -> None:
-        """Cluster mode: forget slot streams idle for RETIRE_AFTER. The slot leaves the dirty set
-        before its stream is checked (and deleted if empty): a write after that check adds it back."""
+    async def _give_back(self, partition: int, streams: dict[bytes, _Stream]) -> None:
+        """Cluster mode, leaving a partition: its streams still being read go back into the dirty set
+        for whoever flushes it next (the sweep finds them if even this fails)."""
+        slots = sorted({stream.slot for stream in streams.values()})
+        streams.clear()
+        if not slots:
+            return
         dirty = dirty_name(self.cfg.stream_prefix, partition)
-        now = time.monotonic()
-        idle = [s for s in streams.values() if not s.history and now - s.seen > RETIRE_AFTER]
-
-        async def retire(stream: _Stream) -> None:
-            await self.pool.execute(b"SREM", dirty, stream.slot, key=dirty)
-            if await RETIRE(self.pool, [stream.name], []):
-                await self.pool.execute(b"SADD", dirty, stream.slot, key=dirty)
-                stream.seen = now
-            else:
-                del streams[stream.name]
-        await asyncio.gather(*(retire(stream) for stream in idle))
+        try:
+            await self.pool.execute(b"SADD", dirty, *slots, key=dirty)
+        except Exception as exc:
+            log.warning("write-behind: could not give back partition %d's streams (%s); the sweep will find them",
+                        partition, exc)
+            self.sweep_soon()
 
     async def _release(self, partition: int) -> None:
         await RELEASE(self.pool, [owner_name(self.cfg.stream_prefix, partition)], [self.name])
         self.owned.discard(partition)
         log.info("write-behind: handed partition %d over (fair share is %d)", partition, self.share)
 
-    async def _read_many(self, partition: int, streams: dict[bytes, _Stream], count: int) -> list:
+    async def _read_many(self, streams: dict[bytes, _Stream], count: int) -> list:
         """Up to about `count` entries from the streams, as (stream, id, fields): a stream still in
-        its history gives its own pending entries, the others new ones."""
+        its history gives its own pending entries, the others new ones. On a cluster, a stream that
+        gave fewer than it was asked for is done until its slot is marked dirty again."""
         chosen = list(streams.values())
         if not chosen:
             return []
         each = count if len(chosen) == 1 else max(8, -(-count // len(chosen)))
         replies = await asyncio.gather(*(self._read(s, each) for s in chosen), return_exceptions=True)
         out, failure = [], None
-        now = time.monotonic()
         for stream, rows in zip(chosen, replies, strict=True):
             if isinstance(rows, BaseException):
                 failure = failure or rows
                 if "NOGROUP" in str(rows):       # the stream was deleted (FLUSHALL): set it up again
-                    if self.layout.cluster:
-                        del streams[stream.name]
-                    else:
-                        self.owned.clear()
+                    self.owned.clear()
                 continue
-            if rows:
-                stream.seen = now
-                out += [(stream.name, entry_id, fields) for entry_id, fields in rows]
-            elif stream.history:
-                stream.history = False
+            out += [(stream.name, entry_id, fields) for entry_id, fields in rows]
+            if stream.history:
+                stream.history = bool(rows)
+            elif self.layout.cluster and len(rows) < each:
+                del streams[stream.name]
         if failure is not None:
             # What the other streams gave is now pending to this consumer: the next pass (or the next
             # owner) reads it again as history.
@@ -494,13 +503,18 @@ class Writer:
                 log.exception("write-behind monitor failed")
 
     async def _all_streams(self) -> list[bytes]:
+        """The streams to measure: every partition's; on a cluster, those of the partitions this
+        sidecar owns (being read, or marked dirty), so each sidecar reports its own share."""
         prefix, partitions = self.cfg.stream_prefix, self.layout.partitions
         if not self.layout.cluster:
             return [stream_name(prefix, p) for p in range(partitions)]
-        dirty = [dirty_name(prefix, p) for p in range(partitions)]
-        sets = await asyncio.gather(*(self.pool.execute(b"SMEMBERS", d, key=d) for d in dirty))
-        return [slot_stream_name(prefix, int(slot)) for members in sets if isinstance(members, list)
-                for slot in members if slot.isdigit() and int(slot) < len(slot_tags())]
+        owned = sorted(self.owned)
+        names = {name for p in owned for name in self._active.get(p, {})}
+        dirty = [dirty_name(prefix, p) for p in owned]
+        for members in await asyncio.gather(*(self.pool.execute(b"SMEMBERS", d, key=d) for d in dirty)):
+            if isinstance(members, list):
+                names.update(slot_stream_name(prefix, int(m)) for m in members if m.isdigit() and int(m) < SLOTS)
+        return sorted(names)
 
     # -- cluster mode: streams nobody was told about -----------------------------------------------
     async def _sweep(self) -> None:
@@ -532,9 +546,11 @@ class Writer:
             if isinstance(reply, Exception):
                 raise UpstreamUnavailable(str(reply))
             cursor, names = reply[0], reply[1]
-            for name in names:
-                slot = key_slot(name)
-                found.setdefault(slot % partitions, set()).add(slot)
+            lengths = await asyncio.gather(*(self.pool.execute(b"XLEN", name, key=name) for name in names))
+            for name, length in zip(names, lengths, strict=True):
+                if isinstance(length, int) and length > 0:      # drained streams stay, empty (one per slot)
+                    slot = key_slot(name)
+                    found.setdefault(slot % partitions, set()).add(slot)
             if int(cursor) == 0:
                 break
         for partition, slots in found.items():
