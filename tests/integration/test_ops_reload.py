@@ -162,3 +162,19 @@ def test_reload_changes_write_settings(make_proxy, redis_server, pg):
     with pytest.raises(redis.ResponseError, match="read-only"):
         c.set("user:3", json.dumps({"name": "refused", "email": "r@x"}))
     assert pg.user(3)["name"] == "user 3"
+
+
+def test_reload_keeps_the_queue_layout(make_proxy, redis_server, pg):
+    """partitions and stream_prefix name where queued entries are: a reload keeps them (and says so)."""
+    p = start(make_proxy, redis_server, pg, max_delay_ms=50)
+    c = p.client(protocol=2)
+    rewrite_config(p, lambda d: d["write_behind"].update(partitions=4, stream_prefix="elsewhere"))
+    p.signal(signal.SIGHUP)
+    wait_log(p, "reloaded")
+    assert "write_behind.partitions changes only on restart" in p.stderr_text()
+    assert "write_behind.stream_prefix changes only on restart" in p.stderr_text()
+    for i in range(1, 31):          # keys of every one of the 16 partitions
+        c.set(f"user:{i}", json.dumps({"name": f"after {i}", "email": f"{i}@x"}))
+    wait_for(lambda: all(pg.user(i)["name"] == f"after {i}" for i in range(1, 31)), timeout=15,
+             what="every write landing after the reload")
+    assert not list(redis_server.client().scan_iter(match="elsewhere*"))
