@@ -240,14 +240,14 @@ class Writer:
         if not self.layout.cluster:
             name = stream_name(self.cfg.stream_prefix, partition)
             streams[name] = _Stream(name)
-            await self._drain_streams(partition, streams, set())
-            return
         try:
-            await self._drain_streams(partition, streams, set())
+            await self._drain_streams(partition, streams)
         finally:
-            await self._give_back(partition, streams)
+            if self.layout.cluster:
+                await self._give_back(partition, streams)
 
-    async def _drain_streams(self, partition: int, streams: dict[bytes, _Stream], ready: set[bytes]) -> None:
+    async def _drain_streams(self, partition: int, streams: dict[bytes, _Stream]) -> None:
+        ready: set[bytes] = set()       # cluster: streams set up (group, claimed entries) in this ownership
         renew_every = self.cfg.claim_idle_ms / 3000
         renewed = time.monotonic()
         poll = min(0.25, renew_every)
