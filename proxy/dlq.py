@@ -12,10 +12,9 @@ import sys
 
 import redis
 import redis.cluster
-from redis.crc import key_slot
 
 from .config import load_config
-from .wbqueue import Layout, dead_name, dirty_name
+from .wbqueue import Layout, dead_name
 
 META = 8   # id <id> route <route> error <text> attempts <n>, then the entry's own fields
 
@@ -101,9 +100,10 @@ def run(args, config_path: str | None) -> int:
                 if len(entry) < 6:
                     print(f"{_text(dead_id)}: not a queue entry, left in place", file=sys.stderr)
                     continue
-                client.execute_command("XADD", layout.stream(entry[1]), "*", *entry)
+                slot, partition, stream = layout.place(entry[1])
+                client.execute_command("XADD", stream, "*", *entry)
                 if layout.cluster:      # tell the partition's owner where the entry is
-                    client.sadd(dirty_name(wb.stream_prefix, layout.partition(entry[1])), key_slot(entry[1]))
+                    client.sadd(layout.dirty(partition), slot)
             dead_client.xdel(dead, dead_id)
             done += 1
         print(f"{args.action}: {done} dead letter(s)")

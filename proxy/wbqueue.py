@@ -39,10 +39,6 @@ GROUP = "cacheproxy"
 FIXED_FIELDS = 6   # k <key> o <op> x <expiry>
 
 
-def partition_of(key: bytes, partitions: int) -> int:
-    return key_slot(key) % partitions
-
-
 def stream_name(prefix: str, partition: int) -> bytes:
     return f"{prefix}:{{{partition}}}".encode()
 
@@ -86,13 +82,26 @@ class Layout:
         if cluster:
             slot_tags()
 
-    def partition(self, key: bytes) -> int:
-        return partition_of(key, self.partitions)
-
-    def stream(self, key: bytes) -> bytes:
+    def place(self, key: bytes) -> tuple[int, int, bytes]:
+        """(slot, partition, stream) of a key's queue entries."""
+        slot = key_slot(key)
+        partition = slot % self.partitions
         if self.cluster:
-            return slot_stream_name(self.prefix, key_slot(key))
-        return stream_name(self.prefix, self.partition(key))
+            return slot, partition, slot_stream_name(self.prefix, slot)
+        return slot, partition, stream_name(self.prefix, partition)
+
+    def dirty(self, partition: int) -> bytes:
+        return dirty_name(self.prefix, partition)
+
+    def dirty_slots(self, members, partition: int | None = None) -> list[int]:
+        """The slots a dirty set names (of `partition` only, if given); anything else is ignored."""
+        slots = []
+        for member in members or ():
+            if member.isdigit() and int(member) < REDIS_CLUSTER_HASH_SLOTS:
+                slot = int(member)
+                if partition is None or slot % self.partitions == partition:
+                    slots.append(slot)
+        return slots
 
 
 def owner_name(prefix: str, partition: int) -> bytes:

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 
 from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from redis.crc import REDIS_CLUSTER_HASH_SLOTS as SLOTS
 from redis.crc import key_slot
 
 from .backends.base import BackendError, WriteOp
@@ -47,7 +46,6 @@ from .wbqueue import (
     Entry,
     Layout,
     dead_name,
-    dirty_name,
     entry_age_ms,
     entry_version,
     members_name,
@@ -292,18 +290,14 @@ class Writer:
     async def _take_news(self, partition: int, streams: dict[bytes, _Stream], ready: set[bytes]) -> None:
         """Cluster mode: pop the slots written since the last look from the partition's dirty set, and
         read their streams from now on (until a read finds no more)."""
-        dirty = dirty_name(self.cfg.stream_prefix, partition)
+        dirty = self.layout.dirty(partition)
         members = await self.pool.execute(b"SPOP", dirty, 1024, key=dirty)
         if isinstance(members, Exception):
             raise UpstreamUnavailable(str(members))
         new = []
-        for member in members or ():
-            try:
-                slot = int(member)
-            except ValueError:
-                continue
+        for slot in self.layout.dirty_slots(members, partition):
             name = slot_stream_name(self.cfg.stream_prefix, slot)
-            if slot % self.layout.partitions == partition and name not in streams:
+            if name not in streams:
                 # First time in this ownership: own pending entries first, and take over a dead owner's.
                 new.append(_Stream(name, slot, history=name not in ready))
         streams.update((stream.name, stream) for stream in new)
@@ -317,7 +311,7 @@ class Writer:
         streams.clear()
         if not slots:
             return
-        dirty = dirty_name(self.cfg.stream_prefix, partition)
+        dirty = self.layout.dirty(partition)
         try:
             await self.pool.execute(b"SADD", dirty, *slots, key=dirty)
         except Exception as exc:
@@ -510,10 +504,10 @@ class Writer:
             return [stream_name(prefix, p) for p in range(partitions)]
         owned = sorted(self.owned)
         names = {name for p in owned for name in self._active.get(p, {})}
-        dirty = [dirty_name(prefix, p) for p in owned]
+        dirty = [self.layout.dirty(p) for p in owned]
         for members in await asyncio.gather(*(self.pool.execute(b"SMEMBERS", d, key=d) for d in dirty)):
             if isinstance(members, list):
-                names.update(slot_stream_name(prefix, int(m)) for m in members if m.isdigit() and int(m) < SLOTS)
+                names.update(slot_stream_name(prefix, slot) for slot in self.layout.dirty_slots(members))
         return sorted(names)
 
     # -- cluster mode: streams nobody was told about -----------------------------------------------
@@ -554,7 +548,7 @@ class Writer:
             if int(cursor) == 0:
                 break
         for partition, slots in found.items():
-            dirty = dirty_name(prefix, partition)
+            dirty = self.layout.dirty(partition)
             await self.pool.execute(b"SADD", dirty, *sorted(slots), key=dirty)
             self.notify(partition)
 

@@ -19,14 +19,12 @@ import asyncio
 import logging
 import time
 
-from redis.crc import key_slot
-
 from .backends.base import BackendError, WriteOp
 from .codec import OK, encode_reply, error
 from .encoding import from_hash
 from .loader import Loader, Outcome, Script, companion, ttl_ms
 from .upstream import UpstreamUnavailable
-from .wbqueue import WRITE, dirty_name
+from .wbqueue import WRITE
 
 log = logging.getLogger("cacheproxy.writes")
 
@@ -217,8 +215,8 @@ class Writes:
     async def _behind(self, route, params: dict, name: bytes, args: list[bytes], proto: int) -> bytes:
         key = args[1]
         layout = self.writer.layout       # a write-behind route always has a flusher (server.install_routes)
-        partition = layout.partition(key)
-        keys = [key, companion("pend", key), companion("lease", key), companion("neg", key), layout.stream(key)]
+        slot, partition, stream = layout.place(key)
+        keys = [key, companion("pend", key), companion("lease", key), companion("neg", key), stream]
         cap = -(-self.cfg.max_pending // layout.partitions)
         state = "1" if needs_state(name, args) else "0"
         compare = "1" if compares(name, args) else "0"
@@ -247,12 +245,11 @@ class Writes:
             if layout.cluster:
                 # Tell the partition's owner (maybe another sidecar) which slot stream has entries. A
                 # crash before this SADD is caught by the owners' sweep.
-                dirty = dirty_name(layout.prefix, partition)
+                dirty = layout.dirty(partition)
                 try:
-                    await self.pool.execute(b"SADD", dirty, key_slot(key), key=dirty)
+                    await self.pool.execute(b"SADD", dirty, slot, key=dirty)
                 except UpstreamUnavailable as exc:      # the write is queued: answer it all the same
-                    log.warning("write-behind: could not mark slot %d dirty (%s); the sweep will find it",
-                                key_slot(key), exc)
+                    log.warning("write-behind: could not mark slot %d dirty (%s); the sweep will find it", slot, exc)
                     self.writer.sweep_soon()
             self.writer.notify(partition)
         return _reply(result, proto)

@@ -17,15 +17,15 @@ def test_every_slot_has_a_stream_in_that_slot():
 def test_cluster_layout_puts_a_keys_stream_in_the_keys_slot():
     layout = Layout("cacheproxy:wb", 16, cluster=True)
     for key in (b"user:1", b"user:{42}:profile", b"session:abc", b"x" * 300):
-        stream = layout.stream(key)
-        assert key_slot(stream) == key_slot(key)
-        assert layout.partition(key) == key_slot(key) % 16
-    assert layout.stream(b"{7}a") == layout.stream(b"{7}b")
+        slot, partition, stream = layout.place(key)
+        assert key_slot(stream) == key_slot(key) == slot
+        assert partition == key_slot(key) % 16
+    assert layout.place(b"{7}a") == layout.place(b"{7}b")
 
 
 def test_single_node_layout_keeps_one_stream_per_partition():
     layout = Layout("q", 4, cluster=False)
-    streams = {layout.stream(b"user:%d" % i) for i in range(200)}
+    streams = {layout.place(b"user:%d" % i)[2] for i in range(200)}
     assert streams == {b"q:{0}", b"q:{1}", b"q:{2}", b"q:{3}"}
 
 
@@ -40,3 +40,11 @@ def test_entry_round_trips_its_fields_and_remembers_its_stream():
     assert entry.stream == b"s1"
     assert entry.pairs == [(b"name", b"Ann"), (b"k", b"dup")]
     assert entry.fields() == fields
+
+
+def test_dirty_slots_ignore_members_that_are_not_slots_of_the_partition():
+    layout = Layout("q", 16, cluster=True)
+    members = [b"3", b"19", b"4", b"junk", b"-1", b"16384", b"99999", b"16383"]
+    assert layout.dirty_slots(members) == [3, 19, 4, 16383]
+    assert layout.dirty_slots(members, partition=3) == [3, 19]
+    assert layout.dirty_slots(None) == []
