@@ -195,3 +195,21 @@ def test_reshard_under_write_load_moves_the_queue_with_its_slots(make_proxy, red
     c = p.client(protocol=2)
     for key in w.acked:
         assert json.loads(c.get(f"user:{key}"))["name"] == db[key], f"user:{key}: cache and database disagree"
+
+
+def test_write_to_an_unreachable_slot_is_refused_not_written_through(make_proxy, redis_cluster, pg):  # noqa: F811
+    # With a shard's master and replica both down, its slots are unreachable. On a single node the
+    # proxy would take a plain SET through to the database; on a cluster it must not (queued entries
+    # of the slot would land over it after recovery): the client gets an error and nothing changes.
+    p = start(make_proxy, redis_cluster, pg, upstream={"command_timeout": 1})
+    c = p.client(protocol=2, socket_timeout=30)
+    master = redis_cluster.node_for_key("user:1")
+    for node in redis_cluster.running_nodes():
+        if node is not master and redis_cluster.role_of(node) == "slave":
+            with node.client(socket_timeout=2) as r:
+                if int(r.info("replication")["master_port"]) == master.port:
+                    node.kill()
+    master.kill()
+    with pytest.raises(redis.ResponseError, match="upstream unavailable"):
+        c.set("user:1", json.dumps({"name": "lost", "email": "l@x"}))
+    assert pg.user(1)["name"] == "user 1", "nothing reached the database"
