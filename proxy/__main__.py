@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file", nargs="?", default=os.environ.get("CACHEPROXY_CONFIG"))
     sub.add_parser("version", help="print the version")
-    from .dlq import add_parser as add_dlq_parser
+    from .writebehind.dlq import add_parser as add_dlq_parser
     add_dlq_parser(sub)
     return parser
 
@@ -72,7 +72,7 @@ def serve(args) -> int:
     # Until the event loop installs its handlers, a SIGTERM means "exit cleanly", not "die".
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     cfg = _load(args.config)
-    from .logs import configure as configure_logging
+    from .ops.logs import configure as configure_logging
     configure_logging(cfg)
     if args.workers > 1:
         if args.pid_file:       # the supervisor's pid: it forwards SIGHUP to every worker
@@ -85,7 +85,8 @@ def serve(args) -> int:
             uvloop.install()
         except ImportError:
             logging.getLogger("cacheproxy").info("uvloop not installed; using asyncio's event loop")
-    from .server import ProxyServer, StartupError
+    from .config import StartupError
+    from .server import ProxyServer
     try:
         if args.pid_file:
             with open(args.pid_file, "w") as f:
@@ -131,10 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "reload":
         return send_reload(args.pid_file)
     if args.command == "stats":
-        from .stats import print_stats
+        from .ops.stats import print_stats
         return print_stats(args.admin)
     if args.command == "dlq":
-        from .dlq import run as run_dlq
+        from .writebehind.dlq import run as run_dlq
         return run_dlq(args, os.environ.get("CACHEPROXY_CONFIG"))
     if args.command == "check-config":
         return check_config(args.file)

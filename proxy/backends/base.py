@@ -65,6 +65,7 @@ class WriteOp:
     fields: dict | None = None           # upsert: column/attribute -> value (JSON types, or str for hashes)
     whole: object = None                 # upsert without `fields`: the value bound as one parameter
     version: int = 0                     # grows with every write of a key (from the queue entry id)
+    item_key: dict | None = None         # dynamodb: the item's key attributes, filled from the key's parameters
 
 
 class Backend(Protocol):

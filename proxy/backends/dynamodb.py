@@ -17,7 +17,6 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from ..router import fill
 from .base import BackendError, BackendPermanentError, BackendUnavailable, ReadSpec, WriteOp, WriteSpec
 
 _TRANSIENT_CODES = {"ProvisionedThroughputExceededException", "ThrottlingException", "RequestLimitExceeded",
@@ -120,8 +119,7 @@ class DynamoBackend:
         await self.check_read(ReadSpec(table=spec.table, key=spec.key))
 
     def _item_key(self, spec: WriteSpec, op: WriteOp, types: dict) -> dict:
-        return {attr: _typed(fill(template, op.params), types.get(attr, "S"))
-                for attr, template in spec.key.items()}
+        return {attr: _typed(value, types.get(attr, "S")) for attr, value in (op.item_key or {}).items()}
 
     def _item(self, spec: WriteSpec, op: WriteOp, types: dict) -> dict:
         item = {name: to_dynamo(value) for name, value in (op.fields or {}).items()}

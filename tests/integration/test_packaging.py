@@ -191,7 +191,7 @@ def test_pip_install_gives_a_working_command(tmp_path):
                              text=True, timeout=30, env=env)
     assert version.stdout.strip() == f"cacheproxy {__version__}", version.stderr
     where = subprocess.run([venv / "bin" / "python", "-c",
-                            "import proxy, proxy.backends.postgres, proxy.backends.dynamodb, proxy.logs; "
+                            "import proxy, proxy.backends.postgres, proxy.backends.dynamodb, proxy.ops.logs; "
                             "print(proxy.__file__)"], cwd=tmp_path, capture_output=True, text=True, timeout=30, env=env)
     assert where.stdout.startswith(str(venv)), where.stdout + where.stderr
     check = subprocess.run([venv / "bin" / "cacheproxy", "check-config", str(REPO / "config" / "example.yaml")],

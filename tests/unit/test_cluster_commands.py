@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from redis.crc import key_slot
 
-from proxy import cluster_commands as cc
+from proxy.upstream import placement as cc
 
 
 def _range(index, lastkey, step=1, limit=0):

@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from proxy.codec import Error as ErrorReply
-from proxy.codec import (
+from proxy.protocol.resp import Error as ErrorReply
+from proxy.protocol.resp import (
     RequestParser,
     encode_command,
     encode_reply,

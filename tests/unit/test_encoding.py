@@ -8,7 +8,7 @@ from decimal import Decimal
 import pytest
 
 from proxy.backends.dynamodb import from_dynamo
-from proxy.encoding import from_json, to_hash, to_json, to_string
+from proxy.cache.encoding import from_json, to_hash, to_json, to_string
 
 
 def test_decimals_keep_every_digit():

@@ -5,7 +5,7 @@ import logging
 import sys
 
 from proxy.config import config_from_dict
-from proxy.logs import JsonFormatter, TextFormatter, secrets_of
+from proxy.ops.logs import JsonFormatter, TextFormatter, secrets_of
 
 
 def record(msg: str, *args, exc: bool = False) -> logging.LogRecord:

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from proxy.router import (
+from proxy.cache.templates import (
     INT64_MAX,
     Router,
     TemplateError,

@@ -4,7 +4,7 @@ from collections import defaultdict
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.stats import summary
+from proxy.ops.stats import summary
 
 BASE = """
 cacheproxy_client_connections 3

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
-from proxy.wbqueue import Entry, Layout, slot_stream_name, slot_stream_pattern, slot_tags
+from proxy.writebehind.queue import Entry, Layout, slot_stream_name, slot_stream_pattern, slot_tags
 
 
 def test_every_slot_has_a_stream_in_that_slot():

@@ -20,10 +20,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .backends.base import BackendError
-from .codec import encode_command, encode_reply, error, parse_reply, scan_replies
-from .loader import Found, Loader, Outcome, companion
-from .upstream import UpstreamUnavailable
+from ..backends.base import BackendError
+from ..protocol.resp import encode_command, encode_reply, error, parse_reply, scan_replies
+from ..upstream.single import UpstreamUnavailable
+from .keys import companion
+from .loader import Found, Loader, Outcome
 
 log = logging.getLogger("cacheproxy.readthrough")
 

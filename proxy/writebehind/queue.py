@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
-from .loader import Script
+from ..upstream.scripts import Script
 
 GROUP = "cacheproxy"
 FIXED_FIELDS = 6   # k <key> o <op> x <expiry>

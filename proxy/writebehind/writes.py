@@ -19,12 +19,14 @@ import asyncio
 import logging
 import time
 
-from .backends.base import BackendError, WriteOp
-from .codec import OK, encode_reply, error
-from .encoding import from_hash
-from .loader import Loader, Outcome, Script, companion, ttl_ms
-from .upstream import UpstreamUnavailable
-from .wbqueue import WRITE
+from ..backends.base import BackendError, WriteOp
+from ..cache.encoding import from_hash
+from ..cache.keys import companion
+from ..cache.loader import Loader, Outcome, ttl_ms
+from ..protocol.resp import OK, encode_reply, error
+from ..upstream.scripts import Script
+from ..upstream.single import UpstreamUnavailable
+from .queue import WRITE
 
 log = logging.getLogger("cacheproxy.writes")
 
@@ -203,7 +205,10 @@ class Writes:
             raise WriteRefused(f"ERR SET with NX, XX or GET is not supported on write-through {where}")
         at = VALUE_AT.get(name)
         if at is not None and len(args) > at and route.encoding == "json":
-            self._upsert(route, {}, args[at])
+            try:
+                route.value_fields(args[at])
+            except ValueError as exc:
+                raise WriteRefused(f"ERR value for route {route.name!r}: {exc}; nothing was written") from None
 
     def _upsert(self, route, params: dict, value: bytes, version: int = 0) -> WriteOp:
         try:
@@ -283,7 +288,7 @@ class Writes:
         self._seq = (self._seq + 1) % (1 << 20)
         version = (int(time.time() * 1000) << 20) + self._seq
         if name in DELETES:
-            return WriteOp("delete", params, version=version) if route.write.delete_on_del else None
+            return route.write_op("delete", params, version=version) if route.write.delete_on_del else None
         if name in (b"SET", b"SETEX", b"PSETEX"):
             at = VALUE_AT[name]
             if len(args) <= at:
@@ -299,12 +304,12 @@ class Writes:
             for field in args[2:]:
                 row.pop(field, None)
             if not row:
-                return WriteOp("delete", params, version=version) if route.write.delete_on_del else None
+                return route.write_op("delete", params, version=version) if route.write.delete_on_del else None
         else:
             if len(args) < 4 or len(args) % 2:
                 return None
             row.update(zip(args[2::2], args[3::2], strict=True))
-        return WriteOp("upsert", params, fields=from_hash(row.items()), version=version)
+        return route.write_op("upsert", params, fields=from_hash(row.items()), version=version)
 
     async def _plain(self, args: list[bytes], proto: int) -> bytes:
         key = args[1]

@@ -21,7 +21,7 @@ import random
 import ssl
 from collections import deque
 
-from .codec import encode_command, error, parse_reply, scan_replies
+from ..protocol.resp import encode_command, error, parse_reply, scan_replies
 
 log = logging.getLogger("cacheproxy.upstream")
 

@@ -23,12 +23,13 @@ import random
 import time
 from dataclasses import dataclass
 
-from .backends.base import BackendError, BackendPermanentError
-from .upstream import UpstreamUnavailable
+from ..backends.base import BackendError, BackendPermanentError
+from ..upstream.scripts import Script
+from ..upstream.single import UpstreamUnavailable
+from .keys import companion
 
 log = logging.getLogger("cacheproxy.loader")
 
-PREFIX = "cacheproxy"
 LEASE_MS = 10_000           # longer than any sane backend timeout; a crashed loader's lease expires
 BUSY_WAIT_S = 1.0           # how long a proxy waits for another proxy's fill before loading itself
 REFRESH_GUARD_S = 1.0       # at most one refresh-ahead attempt per key per second from this proxy
@@ -73,21 +74,6 @@ return 1
 """
 
 
-def hash_tag(key: bytes) -> bytes:
-    """The part of a key Redis Cluster hashes: the first non-empty {...}, else the whole key."""
-    start = key.find(b"{")
-    if start >= 0:
-        end = key.find(b"}", start + 1)
-        if end > start + 1:
-            return key[start + 1:end]
-    return key
-
-
-def companion(kind: str, key: bytes) -> bytes:
-    """A proxy-owned key in the same cluster slot as `key`, e.g. cacheproxy:lease:{user:42}."""
-    return b"%s:%s:{%s}:%s" % (PREFIX.encode(), kind.encode(), hash_tag(key), key)
-
-
 @dataclass
 class Found:
     """What a load produced: the cache value (bytes) or hash pairs, or nothing (not found)."""
@@ -102,23 +88,6 @@ class Found:
 class Outcome:
     CACHED = "cached"        # the cache now answers for the key (value, negative entry or a newer write)
     DIRECT = "direct"        # upstream unavailable: answer from `found`, nothing cached
-
-
-class Script:
-    """EVALSHA with a fallback to EVAL when the upstream has not seen the script (or was restarted)."""
-
-    def __init__(self, source: str):
-        import hashlib
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
-
-    async def __call__(self, pool, keys: list, args: list):
-        reply = await pool.execute("EVALSHA", self.sha, len(keys), *keys, *args, key=keys[0])
-        if isinstance(reply, Exception) and str(reply).startswith("NOSCRIPT"):
-            reply = await pool.execute("EVAL", self.source, len(keys), *keys, *args, key=keys[0])
-        if isinstance(reply, Exception):
-            raise UpstreamUnavailable(f"script failed: {reply}")
-        return reply
 
 
 BEGIN = Script(_BEGIN)

@@ -17,10 +17,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .backends import create_backend
-from .config import ConfigError, load_config
+from ..backends import create_backend
+from ..cache.routes import build_router
+from ..config import ConfigError, load_config
 from .logs import current_secrets, refresh, secrets_of
-from .routes import build_router
 
 log = logging.getLogger("cacheproxy.reload")
 

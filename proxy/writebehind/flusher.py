@@ -34,11 +34,12 @@ from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from redis.crc import key_slot
 
-from .backends.base import BackendError, WriteOp
-from .encoding import from_hash
-from .loader import companion, ttl_ms
-from .upstream import UpstreamUnavailable
-from .wbqueue import (
+from ..backends.base import BackendError, WriteOp
+from ..cache.encoding import from_hash
+from ..cache.keys import companion
+from ..cache.loader import ttl_ms
+from ..upstream.single import UpstreamUnavailable
+from .queue import (
     CLAIM,
     DONE,
     GROUP,
@@ -578,7 +579,7 @@ def _op(route, params: dict, entry: Entry) -> WriteOp | None:
     """The database write for a queue entry; ValueError if the value can never be written."""
     version = entry_version(entry.id)
     if entry.op == "del":
-        return WriteOp("delete", params, version=version) if route.write.delete_on_del else None
+        return route.write_op("delete", params, version=version) if route.write.delete_on_del else None
     if entry.op == "hset":
-        return WriteOp("upsert", params, fields=from_hash(entry.pairs), version=version)
+        return route.write_op("upsert", params, fields=from_hash(entry.pairs), version=version)
     return route.upsert_op(params, entry.value, version)

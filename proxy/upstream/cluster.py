@@ -29,9 +29,9 @@ from itertools import islice
 import hiredis
 from redis.crc import key_slot
 
-from . import cluster_commands as cc
-from .codec import encode_command, error, parse_reply, scan_replies
-from .upstream import FutureWaiter, UpstreamConnection, UpstreamPool, UpstreamUnavailable, _ssl_context
+from ..protocol.resp import encode_command, error, parse_reply, scan_replies
+from . import placement as cc
+from .single import FutureWaiter, UpstreamConnection, UpstreamPool, UpstreamUnavailable, _ssl_context
 
 log = logging.getLogger("cacheproxy.cluster")
 

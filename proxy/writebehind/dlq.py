@@ -13,8 +13,8 @@ import sys
 import redis
 import redis.cluster
 
-from .config import load_config
-from .wbqueue import Layout, dead_name
+from ..config import load_config
+from .queue import Layout, dead_name
 
 META = 8   # id <id> route <route> error <text> attempts <n>, then the entry's own fields
 

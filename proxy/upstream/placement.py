@@ -22,7 +22,7 @@ import random
 
 from redis.crc import key_slot
 
-from .codec import error, scan_replies
+from ..protocol.resp import error, scan_replies
 
 CROSSSLOT = error("CROSSSLOT Keys in request don't hash to the same slot")
 

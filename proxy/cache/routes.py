@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import logging
 
-from .backends.base import BackendError, BackendPermanentError, ReadSpec, WriteOp, WriteSpec
+from ..backends.base import BackendError, BackendPermanentError, ReadSpec, WriteOp, WriteSpec
+from ..config import StartupError
 from .encoding import from_json, to_hash, to_json, to_string
 from .loader import Found
-from .router import Router, compile_template, fill
-from .server import StartupError
+from .templates import Router, compile_template, fill
 
 log = logging.getLogger("cacheproxy.routes")
 
@@ -47,16 +47,26 @@ class RuntimeRoute:
             values={name: fill(t, params) for name, t in read.values.items()} if read.values else None,
             index=read.index, consistent_read=read.consistent_read)
 
-    def upsert_op(self, params: dict, value: bytes, version: int) -> WriteOp:
-        """The database write for a string value of this route; ValueError names what is wrong with it."""
-        text = value.decode(errors="replace")
+    def value_fields(self, value: bytes) -> dict:
+        """The fields a string value of this route writes; ValueError names what is wrong with it."""
         if self.encoding == "json":
             fields = from_json(value)
             missing = [f for f in self.write.fields or () if f not in fields]
             if missing:
                 raise ValueError(f"the value lacks field(s) {', '.join(missing)} that write.upsert binds")
-            return WriteOp("upsert", params, fields=fields, whole=text, version=version)
-        return WriteOp("upsert", params, fields={self.read.column or "value": text}, whole=text, version=version)
+            return fields
+        return {self.read.column or "value": value.decode(errors="replace")}
+
+    def upsert_op(self, params: dict, value: bytes, version: int) -> WriteOp:
+        """The database write for a string value of this route; ValueError names what is wrong with it."""
+        return self.write_op("upsert", params, fields=self.value_fields(value),
+                             whole=value.decode(errors="replace"), version=version)
+
+    def write_op(self, op: str, params: dict, **fields) -> WriteOp:
+        """A database write for the key with these parameters (the backend gets the item key filled in)."""
+        key = self.write_spec.key
+        item_key = {attr: fill(template, params) for attr, template in key.items()} if key else None
+        return WriteOp(op, params, item_key=item_key, **fields)
 
     async def fetch(self, params: dict) -> list[dict]:
         values = [params[name] for name in (self.read.params or [])]
@@ -105,7 +115,7 @@ def write_spec(cfg_route) -> WriteSpec:
 async def start_backends(cfg) -> dict:
     """Create and start every configured backend. An unreachable backend does not stop the proxy:
     its routes answer with `backend unavailable` errors until it comes back."""
-    from .backends import create_backend
+    from ..backends import create_backend
     backends = {}
     for name, bcfg in cfg.backends.items():
         backend = create_backend(name, bcfg)

@@ -18,13 +18,13 @@ import logging
 
 from redis.crc import key_slot
 
-from . import cluster_commands as cc
-from .cluster import LOST, parse_requests, split_replies
-from .cluster_commands import CROSSSLOT, keys_of, node_local_error
-from .codec import OK, encode_command, error, scan_replies
-from .commands import DENY, LOCAL, PASS, PIN, RELAY, ROUTED, is_blocking, kind_of
-from .server import PROTOCOL_ERROR, ClientSession, Slot
-from .upstream import UpstreamUnavailable
+from ..protocol.commands import DENY, LOCAL, PASS, PIN, RELAY, ROUTED, is_blocking, kind_of
+from ..protocol.resp import OK, encode_command, error, scan_replies
+from ..upstream import placement as cc
+from ..upstream.cluster import LOST, parse_requests, split_replies
+from ..upstream.placement import CROSSSLOT, keys_of, node_local_error
+from ..upstream.single import UpstreamUnavailable
+from .session import PROTOCOL_ERROR, ClientSession, Slot
 
 log = logging.getLogger("cacheproxy.cluster")
 
