@@ -7,14 +7,14 @@ import logging
 import signal
 
 from .cache.loader import Loader
-from .cache.readthrough import ROUTED_COMMANDS, ReadThrough
+from .cache.readthrough import ReadThrough
 from .cache.routes import build_router, start_backends
 from .ops.admin import AdminServer
-from .ops.metrics import Metrics
+from .ops.metrics import CLIENT_CONNECTIONS, UPSTREAM_CONNECTIONS, UPSTREAM_EVENTS, UPSTREAM_UP, Metrics
 from .ops.reload import reload as reload_config
-from .protocol.commands import ROUTED
-from .session.cluster import ClusterSession
-from .session.session import _TABLE, ClientSession
+from .protocol.commands import ROUTED_COMMANDS, TABLE, with_routed
+from .session.guard import Guard
+from .session.session import Session
 from .upstream.cluster import ClusterPool
 from .upstream.single import UpstreamPool
 from .writebehind.flusher import Writer, consumer_name
@@ -30,25 +30,30 @@ class ProxyServer:
         self.cfg = cfg
         self.config_path = config_path      # re-read on SIGHUP (reload.py)
         self.reload_lock = asyncio.Lock()
-        self.sessions: set[ClientSession] = set()
-        self.table = _TABLE
-        self.pool: UpstreamPool | None = None
+        self.sessions: set[Session] = set()
+        self.table = TABLE
+        self.pool: UpstreamPool | ClusterPool | None = None
+        self.guard: Guard | None = None
         self.metrics = Metrics()
-        self.metrics.server = self
+        self.stats = self.metrics.stats
         self.backends: dict = {}
         self.readthrough = None
         self.writer = None          # the write-behind flusher, when a route writes behind
         self.admin = None
         self.listener: asyncio.base_events.Server | None = None
         self.clock = 0.0
-        self.io = [0, 0]                 # bytes from clients, bytes to clients
-        self.commands = [0] * 7          # commands by kind (commands.PASS ... ROUTED, protocol errors)
-        self.stats = {"connections": 0, "protocol_errors": 0, "auth_failures": 0, "relays": 0,
-                      "output_limit_disconnects": 0, "idle_disconnects": 0}
         listen = cfg.listen
         self.auth_required = bool(listen.password or listen.users)
         self._stopping: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
+        self._background: set[asyncio.Task] = set()
+
+    def track(self, task: asyncio.Task) -> asyncio.Task:
+        """Background work of a session (a step, a load, a retry): cancelled at shutdown, and its
+        failure logged (the code that started it answers the client)."""
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     def check_password(self, creds: list[bytes]) -> bool:
         listen = self.cfg.listen
@@ -66,11 +71,10 @@ class ProxyServer:
         self.clock = loop.time()
         if self._stopping is None:
             self._stopping = asyncio.Event()
-        session_class = ClientSession
-        if self.cfg.upstream.cluster:       # cluster mode: its own pool and session (cluster*.py)
-            self.pool, session_class = ClusterPool(self.cfg.upstream, loop), ClusterSession
-        else:
-            self.pool = UpstreamPool(self.cfg.upstream, loop)
+        pool_class = ClusterPool if self.cfg.upstream.cluster else UpstreamPool
+        self.pool = pool_class(self.cfg.upstream, loop)
+        self.guard = Guard(self.pool, self.cfg.write_behind.stream_prefix, self.cfg.upstream.db)
+        self._register_gauges()
         self.pool.start()
         # Listen only once the upstream had its chance: a sidecar may start before Redis, so an
         # unreachable upstream does not stop startup, it only delays it by connect_timeout.
@@ -84,7 +88,7 @@ class ProxyServer:
             await self.admin.start()
         listen = self.cfg.listen
         self.listener = await loop.create_server(
-            lambda: session_class(self), listen.host, listen.port,
+            lambda: Session(self), listen.host, listen.port,
             reuse_port=listen.reuse_port or None, backlog=1024)
         self._tasks.append(loop.create_task(self._tick()))
         log.info("listening on %s:%d, upstream %s", listen.host, listen.port, self.cfg.upstream.redacted_url)
@@ -110,9 +114,7 @@ class ProxyServer:
         else:
             self.readthrough.router, self.readthrough.prefixes = router, router.prefixes
             self.readthrough.writes.reconfigure(router, cfg.write_behind, self.writer)
-        table = dict(_TABLE)
-        for name in ROUTED_COMMANDS:
-            table[name] = table[name.lower()] = ROUTED
+        table = with_routed(ROUTED_COMMANDS)
         self.table = table
         for session in self.sessions:
             session.table = table
@@ -134,6 +136,15 @@ class ProxyServer:
         await asyncio.gather(*(check(name, backend) for name, backend in list(self.backends.items())))
         return problems
 
+    def _register_gauges(self) -> None:
+        pool, metrics = self.pool, self.metrics
+        metrics.read(CLIENT_CONNECTIONS, lambda: len(self.sessions))
+        metrics.read(UPSTREAM_UP, lambda: 1 if pool.healthy else 0)
+        metrics.read(UPSTREAM_CONNECTIONS, lambda: [
+            (("shared",), sum(1 for cs in pool.shared.values() for c in cs if c is not None and c.up)),
+            (("dedicated",), len(pool.dedicated))])
+        metrics.read(UPSTREAM_EVENTS, lambda: [((name,), value) for name, value in pool.events.samples()])
+
     @property
     def port(self) -> int:
         return self.listener.sockets[0].getsockname()[1]
@@ -147,9 +158,9 @@ class ProxyServer:
             self.clock = loop.time()
             if idle:
                 for session in list(self.sessions):
-                    if (self.clock - session.last_active > idle and not session.replies
+                    if (self.clock - session.last_active > idle and not session.order
                             and session.relay is None and not session.blocking and session.transport):
-                        self.stats["idle_disconnects"] += 1
+                        self.stats.clients.idle_disconnects += 1
                         session.transport.close()
 
     async def reload(self) -> bool:
@@ -187,16 +198,17 @@ class ProxyServer:
             session.pause("shutdown")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.shutdown.grace_seconds
-        while loop.time() < deadline and any(s.replies for s in self.sessions):
+        while loop.time() < deadline and any(s.order for s in self.sessions):
             await asyncio.sleep(0.02)
         for session in list(self.sessions):
             if session.transport is not None:
                 session.transport.close()
         if self.writer is not None:      # flush what is queued, within what is left of the grace period
             await self.writer.close(max(deadline, loop.time() + 1.0))
-        for task in self._tasks:
+        tasks = self._tasks + list(self._background)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.admin is not None:
             await self.admin.close()
         for backend in self.backends.values():

@@ -8,6 +8,25 @@ script can touch both.
 from __future__ import annotations
 
 PREFIX = "cacheproxy"
+RESERVED = b"cacheproxy:"
+# Cache state that FLUSHALL/FLUSHDB through the proxy clears with the data; the rest of the reserved
+# namespace (the write-behind queue, pending marks, ownership) survives them.
+CACHE_STATE = (b"cacheproxy:lease:", b"cacheproxy:neg:")
+PENDING = b"cacheproxy:pend:"
+
+
+def reserved_prefixes(stream_prefix: str) -> tuple[bytes, ...]:
+    """Key prefixes clients may not touch: the proxy's namespace and the write-behind queue's."""
+    queue = stream_prefix.encode() + b":"
+    return (RESERVED,) if queue.startswith(RESERVED) else (RESERVED, queue)
+
+
+def reserved_in(data: bytes, prefixes: tuple[bytes, ...]) -> bool:
+    """Could `data` (a client's request bytes) name a reserved key? A cheap test before the exact one."""
+    for prefix in prefixes:
+        if prefix in data:
+            return True
+    return False
 
 
 def hash_tag(key: bytes) -> bytes:

@@ -21,44 +21,22 @@ import asyncio
 import logging
 
 from ..backends.base import BackendError
-from ..protocol.resp import encode_command, encode_reply, error, parse_reply, scan_replies
+from ..protocol import errors
+from ..protocol.commands import (
+    MULTI_READS,
+    SINGLE_READS,
+    routed_keys,
+)
+from ..protocol.resp import encode_command, encode_reply, parse_reply, scan_replies
 from ..upstream.single import UpstreamUnavailable
 from .keys import companion
 from .loader import Found, Loader, Outcome
 
 log = logging.getLogger("cacheproxy.readthrough")
 
-# command -> (encoding family the key must have, nil reply is ambiguous without PTTL)
-SINGLE_READS = {
-    b"GET": ("value", False), b"GETEX": ("value", False),
-    b"HGETALL": ("hash", False), b"HLEN": ("hash", False),
-    b"HGET": ("hash", True), b"HMGET": ("hash", True), b"HEXISTS": ("hash", True),
-    b"TTL": (None, False), b"PTTL": (None, False),
-}
-MULTI_READS = (b"MGET", b"EXISTS")
+# A nil is only a miss when it cannot mean anything else (see the module docstring).
 MISS_REPLIES = frozenset((b"$-1\r\n", b"_\r\n", b"*0\r\n", b"%0\r\n", b":0\r\n", b":-2\r\n"))
-
-# Writes whose keys are args[1:] (all of them), args[1::2] (key-value pairs) or args[1] (one key).
-WRITES_ALL_KEYS = (b"DEL", b"UNLINK")
-WRITES_PAIRS = (b"MSET",)
-WRITES_FIRST_KEY = (
-    b"SET", b"SETEX", b"PSETEX", b"SETNX", b"GETSET", b"GETDEL", b"APPEND", b"SETRANGE",
-    b"INCR", b"INCRBY", b"DECR", b"DECRBY", b"INCRBYFLOAT",
-    b"HSET", b"HMSET", b"HSETNX", b"HDEL", b"HINCRBY", b"HINCRBYFLOAT",
-    b"EXPIRE", b"PEXPIRE", b"EXPIREAT", b"PEXPIREAT", b"PERSIST",
-)
-ROUTED_COMMANDS = tuple(SINGLE_READS) + MULTI_READS + WRITES_ALL_KEYS + WRITES_PAIRS + WRITES_FIRST_KEY
-
-UPSTREAM_LOST = b"-ERR upstream unavailable"
-WRONGTYPE = error("WRONGTYPE Operation against a key holding the wrong kind of value")
-
-
-def write_keys(name: bytes, args: list[bytes]) -> list[bytes]:
-    if name in WRITES_ALL_KEYS:
-        return args[1:]
-    if name in WRITES_PAIRS:
-        return args[1::2]
-    return args[1:2]
+WRONGTYPE = errors.WRONGTYPE
 
 
 class ReadThrough:
@@ -73,12 +51,7 @@ class ReadThrough:
         """Does any key of this command belong to a route? Called on the hot path for routable names."""
         if len(args) < 2:
             return False
-        if name in SINGLE_READS or name in WRITES_FIRST_KEY:
-            keys = args[1:2]
-        elif name in WRITES_PAIRS:
-            keys = args[1::2]
-        else:
-            keys = args[1:]
+        keys = routed_keys(name, args)
         prefixes = self.prefixes
         match = self.router.match
         return any(key.startswith(prefixes) and match(key) is not None for key in keys)
@@ -109,7 +82,7 @@ class ReadThrough:
         slot = session.new_slot(1)
         with_ttl = ambiguous or route.needs_pttl
         read = _Read(self, session, slot, route, key, params, args, with_ttl)
-        conn = self.pool.pick(session.proto, key)
+        conn = session.conn_for_key(key)
         if conn is None:
             read.miss(None)
             return
@@ -120,21 +93,21 @@ class ReadThrough:
 
     def _multi(self, session, name: bytes, args: list[bytes]) -> None:
         slot = session.new_slot(1)
-        asyncio.get_running_loop().create_task(self._multi_safe(session, slot, name, args))
+        session.host.track(asyncio.get_running_loop().create_task(self._multi_safe(session, slot, name, args)))
 
     async def _multi_safe(self, session, slot, name: bytes, args: list[bytes]) -> None:
         try:
             await self._multi_task(session, slot, name, args)
         except Exception:
             log.exception("read-through of %s failed", name.decode())
-            session.fill(slot, error("ERR internal proxy error"))
+            session.fill(slot, errors.INTERNAL)
 
     def _write(self, session, name: bytes, args: list[bytes]) -> None:
         voided = []
-        for key in write_keys(name, args):
+        for key in routed_keys(name, args):
             if self.router.match(key) is not None:
                 voided += (companion("lease", key), companion("neg", key))
-        session.send_shared(encode_command([b"DEL", *voided]) + encode_command(args), 2, after=_drop_first)
+        session.send_commands([[b"DEL", *voided], args], after=_drop_first)
 
     # -- multi-key reads -----------------------------------------------------------------------------
     async def _multi_task(self, session, slot, name: bytes, args: list[bytes]) -> None:
@@ -148,7 +121,7 @@ class ReadThrough:
         except UpstreamUnavailable:
             values = [None] * len(keys) if name == b"MGET" else [0] * len(keys)
         if isinstance(values, Exception):
-            session.fill(slot, error(str(values)))
+            session.fill(slot, errors.line(str(values)))
             return
         missing = {}
         for index, key in enumerate(keys):
@@ -211,7 +184,7 @@ class _Read:
 
     def on_reply(self, data) -> None:
         route = self.route
-        if data.startswith(UPSTREAM_LOST):
+        if errors.is_upstream_lost(data):
             self.miss(None)       # the upstream died under this read: answer from the backend
             return
         if self.with_ttl:
@@ -237,14 +210,14 @@ class _Read:
 
     def miss(self, stale) -> None:
         self.route.stats.misses += 1
-        asyncio.get_running_loop().create_task(self._load(stale))
+        self.session.host.track(asyncio.get_running_loop().create_task(self._load(stale)))
 
     async def _load(self, stale) -> None:
         try:
             await self._answer(stale)
         except Exception:
             log.exception("read-through of %r failed", self.key)
-            self.session.fill(self.slot, error("ERR internal proxy error"))
+            self.session.fill(self.slot, errors.INTERNAL)
 
     async def _answer(self, stale) -> None:
         rt, session = self.rt, self.session
@@ -258,7 +231,7 @@ class _Read:
                 session.fill(self.slot, backend_error(exc))
             return
         if outcome == Outcome.CACHED:
-            conn = rt.pool.pick(session.proto, self.key)
+            conn = session.conn_for_key(self.key)
             if conn is not None:
                 try:
                     session.fill(self.slot, await conn.call(*self.args))
@@ -266,13 +239,13 @@ class _Read:
                 except UpstreamUnavailable:
                     pass
             if found is None:
-                session.fill(self.slot, error(f"ERR upstream unavailable: {rt.pool.last_error}"))
+                session.fill(self.slot, errors.upstream_unavailable(rt.pool.reason))
                 return
         session.fill(self.slot, reply_from_found(self.args, found or Found(), session.proto))
 
 
 def backend_error(exc: BackendError) -> bytes:
-    return error(f"ERR backend {exc.backend} unavailable: {exc}")
+    return errors.backend_unavailable(exc.backend, str(exc))
 
 
 def reply_from_found(args: list[bytes], found: Found, proto: int) -> bytes:
@@ -293,7 +266,7 @@ def reply_from_found(args: list[bytes], found: Found, proto: int) -> bytes:
         return encode_reply(len(pairs), proto)
     if name in (b"TTL", b"PTTL"):
         return b":-1\r\n" if found.exists else b":-2\r\n"
-    return error("ERR upstream unavailable")
+    return errors.upstream_unavailable()
 
 
 def _drop_first(slot, data):

@@ -53,6 +53,17 @@ def not_supported(command: bytes | str) -> bytes:
     return line(f"ERR command '{_name(command).upper()}' is not supported by cacheproxy")
 
 
+def cluster_node_local(command: bytes) -> bytes:
+    shown = command.decode(errors="replace").replace("|", " ").upper()
+    return line(f"ERR cacheproxy cluster mode: '{shown}' acts on a single node's state; send it to the nodes "
+                "directly")
+
+
+def cluster_per_node(command: bytes) -> bytes:
+    shown = command.decode(errors="replace").replace("|", " ").upper()
+    return line(f"ERR cacheproxy cluster mode: '{shown}' has a per-node answer; send it to the nodes directly")
+
+
 def refused(reason: str) -> bytes:
     """A command the proxy refuses for a reason of its own (reserved keys, a rule of a route ...)."""
     return line(f"ERR {reason}")

@@ -1,18 +1,31 @@
-"""Accept loop, client sessions, limits and graceful shutdown.
+"""One client connection: pipelining, reply order, connection state, flow control.
 
-One ClientSession per client socket:
+    bytes --RequestParser--> frames --dispatch--> the node's shared connection (raw bytes, one Slot per run)
+                                              |-> slow path: the pool runs it (split, fan-out, no connection yet)
+                                              |-> local reply (PING, AUTH, HELLO, CLIENT, UNSUBSCRIBE ...)
+                                              |-> MULTI ... EXEC queued here, sent as one block
+                                              |-> pinned: a dedicated connection (WATCH, blocking, SELECT n)
+                                              |-> relay: a dedicated connection as a byte pipe (pub/sub, MONITOR)
+                                              '-> routed: the read-through / write path (cache/, writebehind/)
+    replies: a ReplyOrder of Slots (replies.py); the head run is written as soon as it is ready.
 
-    bytes --RequestParser--> frames --dispatch--> shared upstream (raw bytes, one Slot per batch)
-                                              |-> local reply (PING, AUTH, HELLO ...)
-                                              |-> pinned upstream (MULTI, WATCH, BLPOP, SELECT n)
-                                              '-> relay (SUBSCRIBE, MONITOR, CLIENT TRACKING)
-    replies: a deque of Slots in request order; a Slot is filled by its upstream reply (or by the
-    proxy, or later by the loader) and the head of the deque is written while it is ready.
+Single node and cluster differ only in the pool (upstream/): `pool.node_for(args)` says which node's
+connection a command takes (None: the pool's slow path decides), the pool's command table gives key
+positions, and `pool.refusal(args)` names what one mode cannot do. The session keeps one shared
+connection per node, so a client's commands to a node stay in order.
 
-Flow control: a session stops reading from its client while its unsent replies exceed
-limits.client_output_soft, while it has more than limits.max_inflight commands in flight, while its
-upstream connection's write buffer is full, and while an asynchronous step (pinning, entering relay
-mode) is in progress. A client past limits.client_output_hard is disconnected, as Redis does.
+Rules of this module:
+- Every request gets exactly one reply slot, in order; a command that is answered later (a miss, a
+  routed write, the slow path) holds only its own slot, or, when later commands must see its effect,
+  holds the client's later commands until it is done (a "step").
+- Nothing on a shared connection may change that connection's state or its reply count: such commands
+  are answered here, pinned to a dedicated connection, relayed, or refused (commands.py says which).
+- Keys in the proxy's reserved namespace (cache/keys.py) are refused in every key position, also in
+  relay mode.
+- Flow control: reading stops while unsent replies exceed limits.client_output_soft, while more than
+  limits.max_inflight replies are missing, while the upstream connection's write buffer is full, and
+  while a step runs; every pause reason has its resume. A client past limits.client_output_hard is
+  disconnected, as Redis does.
 """
 
 from __future__ import annotations
@@ -20,12 +33,28 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections import deque
+from typing import Any
 
-from ..protocol import commands
-from ..protocol.commands import DENY, LOCAL, PASS, PIN, RELAY, ROUTED, TABLE, kind_of
-from ..protocol.resp import OK, RequestParser, encode_command, encode_reply, error
+from ..cache.keys import reserved_in
+from ..protocol import errors
+from ..protocol.commands import (
+    DENY,
+    FAIL,
+    FLUSH,
+    LISTKEYS,
+    LOCAL,
+    PASS,
+    PIN,
+    RELAY,
+    ROUTED,
+    TX,
+    is_blocking,
+    kind_of,
+)
+from ..protocol.resp import OK, RequestParser, encode_command
 from ..upstream.single import UpstreamUnavailable
+from . import local, transaction
+from .replies import ReplyOrder, Slot
 
 log = logging.getLogger("cacheproxy.session")
 
@@ -34,81 +63,62 @@ _ids = itertools.count(1)
 # A frame the parser could not read: dispatched in order like a command, so the protocol error is
 # answered after the replies of the well-formed commands before it.
 PROTOCOL_ERROR = object()
-_FAIL = 6
-_TABLE = dict(TABLE)
-_TABLE[PROTOCOL_ERROR] = _FAIL
-
-NOAUTH = error("NOAUTH Authentication required.")
-WRONGPASS = error("WRONGPASS invalid username-password pair or user is disabled.")
 
 
-class Slot:
-    """The place of one request (or a batch of `count` pipelined requests) in a session's replies."""
-
-    __slots__ = ("session", "count", "data", "after")
-
-    def __init__(self, session: ClientSession, count: int, after=None):
-        self.session = session
-        self.count = count
-        self.data = None        # the reply bytes once they are known
-        self.after = after      # called with (slot, reply) before the reply is queued for writing
-
-    def on_reply(self, data) -> None:
-        self.session.fill(self, data)
-
-    def partial(self, data, count: int) -> bool:
-        """The first `count` replies of this batch; taken only when they can be written now."""
-        return self.after is None and self.session.fill_partial(self, data, count)
-
-
-class ClientSession(asyncio.Protocol):
-    def __init__(self, server):
-        self.server = server
-        self.pool = server.pool
-        limits = server.cfg.limits
+class Session(asyncio.Protocol):
+    def __init__(self, host: Any):
+        """`host` is the ProxyServer: cfg, pool, table, readthrough, sessions, stats, clock, auth."""
+        self.host = host
+        self.pool = host.pool
+        limits = host.cfg.limits
         self.parser = RequestParser(limits.max_bulk_len, limits.max_multibulk_len, limits.max_inline_len)
-        self.table = server.table
+        self.table = host.table
         self.max_inflight = limits.max_inflight
         self.output_hard = limits.client_output_hard
         self.transport: asyncio.Transport | None = None
         self.id = next(_ids)
-        self.replies: deque[Slot] = deque()
-        self.inflight = 0
+        self.name: bytes | None = None
+        self.order = ReplyOrder()
         self.proto = 2
-        self.conn = None          # the shared upstream connection this client's commands go to
+        self.conns: dict[Any, Any] = {}   # node -> this client's shared connection to it
         self.pin = None           # a dedicated upstream connection while state is held
         self.relay = None         # the dedicated connection once this session is a byte relay
-        self.authed = not server.auth_required
-        self.in_multi = self.watching = self.named = False
+        self.authed = not host.auth_required
+        self.user = b"default"
+        self.watching = False
+        self.watch_slot: int | None = None
+        self.tx: transaction.Transaction | None = None
         self.blocking = 0
-        self.db = server.cfg.upstream.db
+        self.db = host.cfg.upstream.db
         self.paused: set[str] = set()
         self.write_paused = False
-        self.hold: asyncio.Task | None = None   # an async step in progress (pinning, relay)
-        self.backlog: list | None = None        # frames parsed while `hold` runs
+        self.hold: asyncio.Task | None = None   # a step in progress: later frames wait in `backlog`
+        self.backlog: list | None = None
         self.drained: asyncio.Future | None = None
         self.closing = False      # QUIT or a protocol error: close once the replies are written
-        self.last_active = server.clock
+        self.last_active = self.connected_at = host.clock
+        self.suspicious = False   # the last request's bytes contain a reserved prefix (guard.py)
 
     # -- connection lifecycle --------------------------------------------------------------------
     def connection_made(self, transport) -> None:
         self.transport = transport
-        server = self.server
-        if len(server.sessions) >= server.cfg.listen.max_clients:
-            transport.write(error("ERR max number of clients reached"))
+        host = self.host
+        if len(host.sessions) >= host.cfg.listen.max_clients:
+            transport.write(errors.MAX_CLIENTS)
             transport.close()
             self.transport = None
             return
-        server.sessions.add(self)
-        server.stats["connections"] += 1
+        host.sessions.add(self)
+        host.stats.clients.connections += 1
         # No get_extra_info("socket") here: uvloop hands out a dup()ed fd that would keep the
         # connection open after close(). Both loops already set TCP_NODELAY on TCP transports.
-        transport.set_write_buffer_limits(high=self.server.cfg.limits.client_output_soft)
+        transport.set_write_buffer_limits(high=host.cfg.limits.client_output_soft)
 
     def connection_lost(self, exc) -> None:
         self.transport = None
-        self.server.sessions.discard(self)
-        self.replies.clear()
+        self.host.sessions.discard(self)
+        self.order.clear()
+        self.backlog = None
         if self.hold is not None:
             self.hold.cancel()
         if self.relay is not None:
@@ -146,17 +156,17 @@ class ClientSession(asyncio.Protocol):
             return
         if self.backlog is not None and self.hold is None:
             backlog, self.backlog = self.backlog, None
-            self._dispatch(backlog, 0)          # may pause again (in-flight cap, a new hold ...)
+            self._dispatch(backlog, 0)          # may pause again (in-flight cap, a new step ...)
         if not self.paused and self.transport is not None:
             self.transport.resume_reading()
 
     # -- requests ----------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        server = self.server
-        self.last_active = server.clock
-        server.io[0] += len(data)
+        host = self.host
+        self.last_active = host.clock
+        host.stats.bytes.received += len(data)
         if self.relay is not None:
-            self.relay.send_raw(data)
+            self._relay_in(data)
             return
         if self.closing:
             return
@@ -166,245 +176,327 @@ class ClientSession(asyncio.Protocol):
             raw = None
         if not frames:
             return
+        self.suspicious = reserved_in(data, host.guard.prefixes)
         if self.backlog is not None:            # earlier frames still wait: keep the order
             self.backlog.extend(frames)
             return
-        if raw is not None and self.authed and self.pin is None and \
-                self.inflight + len(frames) <= self.max_inflight:
-            # Fast path: every command passes through, so the client's bytes go upstream untouched.
-            table = self.table
-            for args in frames:
-                kind = table.get(args[0])
-                if kind is None:
-                    kind = table.get(args[0].upper(), PASS)
-                if kind:
-                    if kind == ROUTED and not self.server.readthrough.owns(args[0].upper(), args):
-                        continue
-                    break
-            else:
-                server.commands[PASS] += len(frames)
-                self.send_shared(raw, len(frames))
+        if raw is not None and self.authed and self.pin is None and self.tx is None \
+                and not self.suspicious and self.order.inflight + len(frames) <= self.max_inflight:
+            # Fast path: every command passes through to one node: the client's bytes go as they came.
+            conn = self._fast_conn(frames)
+            if conn is not None:
+                host.stats.commands[PASS] += len(frames)
+                self._send(conn, raw, len(frames))
                 return
         self._dispatch(frames, 0)
 
+    def _fast_conn(self, frames: list):
+        """The one shared connection all of `frames` go to as plain pass-through, or None."""
+        table, pool = self.table, self.pool
+        node = None
+        for args in frames:
+            kind = table.get(args[0])
+            if kind is None:
+                kind = table.get(args[0].upper(), PASS)
+            if kind:
+                if kind != ROUTED or self.host.readthrough.owns(args[0].upper(), args):
+                    return None
+            target = pool.node_for(args)
+            if target is None or (node is not None and target is not node):
+                return None
+            node = target
+        return self._conn(node)
+
     def _dispatch(self, frames: list, i: int) -> None:
-        run: list[bytes] = []       # consecutive pass-through commands, sent as one batch
+        run: list = []          # consecutive pass-through commands for `run_conn`, sent as one write
+        run_conn = None
         n = len(frames)
         table = self.table
+        counts = self.host.stats.commands
         while i < n and self.hold is None and not self.closing:
-            if self.inflight + len(run) >= self.max_inflight:
-                self.pause("inflight")          # the rest waits until replies come back
-                break
+            if self.order.inflight + len(run) >= self.max_inflight:
+                if run:
+                    self._send_run(run_conn, run)
+                    run = []
+                if self.order.inflight >= self.max_inflight:
+                    self.pause("inflight")      # the rest waits until replies come back
+                    break
             args = frames[i]
             kind = table.get(args[0])
             if kind is None:
-                kind = kind_of(table, args[0])
-            if kind == ROUTED and not self.server.readthrough.owns(args[0].upper(), args):
+                kind = FAIL if args[0] is PROTOCOL_ERROR else kind_of(table, args[0])
+            if kind == ROUTED and not self.host.readthrough.owns(args[0].upper(), args):
                 kind = PASS
-            if kind == PASS and self.pin is None and self.authed:
-                run.append(encode_command(args))
-                i += 1
-                continue
+            if kind == PASS and self.pin is None and self.tx is None and self.authed \
+                    and not (self.suspicious and self.host.guard.refuses(args)):
+                conn = self._conn_for(args)
+                if conn is not None:
+                    if run and conn is not run_conn:
+                        self._send_run(run_conn, run)
+                        run = []
+                    run_conn = conn
+                    run.append(args)
+                    i += 1
+                    continue
             if run:
-                self.server.commands[PASS] += len(run)
-                self.send_shared(b"".join(run), len(run))
+                self._send_run(run_conn, run)
                 run = []
-            self.server.commands[kind] += 1
+            counts[kind] += 1
             i = self._command(frames, i, kind)
         if run:
-            self.server.commands[PASS] += len(run)
-            self.send_shared(b"".join(run), len(run))
+            self._send_run(run_conn, run)
         if i < n and not self.closing:
             self.backlog = frames[i:]
 
     def _command(self, frames: list, i: int, kind: int) -> int:
         """Handle frames[i]; returns the index of the next frame to dispatch."""
         args = frames[i]
-        if kind == _FAIL:
-            self.server.stats["protocol_errors"] += 1
-            self.reply(error(f"ERR Protocol error: {args[1]}"))
+        if kind == FAIL:
+            self.host.stats.clients.protocol_errors += 1
+            self.reply(errors.protocol_error(args[1]))
             self.closing = True
             self._close_if_done()
             return len(frames)
         name = args[0].upper()
-        if not self.authed and name not in (b"AUTH", b"HELLO", b"QUIT"):
-            self.reply(NOAUTH)
+        if not self.authed and name not in (b"AUTH", b"HELLO", b"QUIT", b"RESET"):
+            self.reply(errors.NOAUTH)
             return i + 1
         if kind == DENY:
-            self.reply(error(f"ERR command '{name.decode(errors='replace')}' is not supported by cacheproxy"))
+            self.reply(errors.not_supported(name))
             return i + 1
+        if self.suspicious and self.host.guard.refuses(args):
+            self.host.stats.clients.reserved_refusals += 1
+            self.reply(self.host.guard.refusal)
+            if self.tx is not None:
+                self.tx.failed = True
+            return i + 1
+        if self.tx is not None:
+            return transaction.queue(self, frames, i, name, kind)
+        if kind == TX:
+            return transaction.start(self, frames, i, name)
         if self.pin is not None:
             if self.pin.up:
                 return self._pinned(frames, i, name, kind)
             self._pin_lost()
+        problem = self.pool.refusal(name, args)
+        if problem is not None:
+            self.reply(problem)
+            return i + 1
         if kind == LOCAL:
-            return self._local(frames, i, name)
+            return local.run(self, frames, i, name)
         if kind == RELAY:
             return self._start_relay(frames, i)
         if kind == ROUTED:
-            return self.server.readthrough.handle(self, frames, i)
+            return self.host.readthrough.handle(self, frames, i)
         if kind == PIN:
-            if name == b"MULTI":
-                end = _transaction_end(frames, i, self.table)
-                if end is not None:
-                    # The whole transaction arrived at once: written contiguously, it needs no pin.
-                    block = frames[i:end]
-                    self.send_shared(b"".join(map(encode_command, block)), len(block))
-                    return end
-            elif name != b"WATCH" and not commands.is_blocking(name, args):
-                self.send_shared(encode_command(args), 1)
+            if not is_blocking(name, args):
+                self.send_commands([args])     # XREAD without BLOCK: a plain command
                 return i + 1
             return self._start_pin(frames, i)
-        # PASS before authentication (answered above) or a kind added by later modules.
-        self.send_shared(encode_command(args), 1)
+        if kind == FLUSH:
+            self.step(frames, i, lambda: self._flush(args))
+            return len(frames)
+        if kind == LISTKEYS:
+            self.send_commands([args], after=self.host.guard.listing_filter(name))
+            return i + 1
+        # PASS that could not take the fast lane: before authentication (answered above), or the
+        # slow path (no connection yet, several nodes, fan-out).
+        self.send_commands([args])
         return i + 1
 
-    # -- shared connections ------------------------------------------------------------------------
-    def send_shared(self, data: bytes, count: int, after=None) -> None:
-        conn = self.conn
-        if conn is None or not conn.up:
-            conn = self.conn = self.pool.pick(self.proto)
+    # -- shared connections --------------------------------------------------------------------------
+    def _conn(self, node):
+        """This client's shared connection to `node` (the same one while it is up: order per node)."""
+        conn = self.conns.get(node)
+        if conn is None or not conn.up or conn.proto != self.proto:
+            conn = node.pick(self.proto)
             if conn is None:
-                self.reply(error(f"ERR upstream unavailable: {self.pool.last_error}") * count)
-                return
-        slot = Slot(self, count, after)
-        self.replies.append(slot)
-        self.inflight += count
+                return None
+            self.conns[node] = conn
+        return conn
+
+    def _conn_for(self, args: list[bytes]):
+        node = self.pool.node_for(args)
+        return None if node is None else self._conn(node)
+
+    def conn_for_key(self, key: bytes):
+        """The shared connection a command on `key` takes (routed reads use it, so they stay in order
+        with the client's other commands on that node); None when there is none right now."""
+        node = self.pool.node_for_key(key)
+        return None if node is None else self._conn(node)
+
+    def _send(self, conn, data: bytes, count: int, after=None) -> Slot:
+        slot = self.order.add(self, count, after)
         conn.send(data, slot)
-        if self.inflight > self.max_inflight:
+        if self.order.inflight > self.max_inflight:
             self.pause("inflight")
         if conn.write_paused:
             conn.blocked_sessions.add(self)
             self.pause("upstream")
+        return slot
+
+    def _send_run(self, conn, run: list) -> None:
+        self.host.stats.commands[PASS] += len(run)
+        data = encode_command(run[0]) if len(run) == 1 else b"".join(map(encode_command, run))
+        self._send(conn, data, len(run))
+
+    def send_commands(self, commands: list[list[bytes]], after=None) -> None:
+        """Commands whose replies fill one slot (e.g. a lease DEL, then a routed write): one write on
+        one node's connection when they all go there, else the pool's slow path, in order, while the
+        client's later commands wait."""
+        conn = None
+        for args in commands:
+            target = self._conn_for(args)
+            if target is None or (conn is not None and target is not conn):
+                conn = None
+                break
+            conn = target
+        if conn is not None:
+            self._send(conn, b"".join(map(encode_command, commands)), len(commands), after)
+            return
+        slot = self.order.add(self, len(commands), after)
+        proto = self.proto
+
+        async def slow():
+            replies = [await self.pool.run(args, proto) for args in commands]
+            self.fill(slot, b"".join(replies))
+        self.step_inline(slow)
 
     def new_slot(self, count: int) -> Slot:
         """A place in the reply order for a reply someone else will deliver through fill()."""
-        slot = Slot(self, count)
-        self.replies.append(slot)
-        self.inflight += count
-        return slot
+        return self.order.add(self, count)
 
     def reply(self, data: bytes) -> None:
         """A reply the proxy knows now: written at once unless earlier replies are still pending."""
         if self.transport is None:
             return
-        if not self.replies:
-            self.server.io[1] += len(data)
-            self.transport.write(data)
-        else:
-            slot = Slot(self, 0)
-            slot.data = data
-            self.replies.append(slot)
+        out = self.order.ready(self, data)
+        if out is not None:
+            self._write(out)
 
     def fill(self, slot: Slot, data) -> None:
-        """An upstream (or loader) reply for `slot` arrived: write every reply that is now in order."""
-        self.inflight -= slot.count
+        """A reply for `slot` arrived (upstream, loader, a step): write every reply now in order."""
         if slot.after is not None:
             data = slot.after(slot, data)
-        transport = self.transport
-        if transport is None:
+        if self.transport is None:
+            self.order.inflight -= slot.count
             return
-        replies = self.replies
-        if replies and replies[0] is slot:
-            replies.popleft()
-            if replies and replies[0].data is not None:
-                out = [data]
-                while replies and replies[0].data is not None:
-                    out.append(replies.popleft().data)
-                data = b"".join(out)
-            self.server.io[1] += len(data)
-            transport.write(data)
-            if self.write_paused:
-                self._check_output(transport)
-                if self.transport is None:
-                    return
-        else:
-            slot.data = data
-        if self.paused and "inflight" in self.paused and self.inflight <= self.max_inflight // 2:
+        out = self.order.fill(slot, data)
+        if out is not None:
+            self._write(out)
+            if self.transport is None:
+                return
+        self._after_fill()
+
+    def fill_partial(self, slot: Slot, data, count: int) -> bool:
+        if self.transport is None or not self.order.can_stream(slot):
+            return False
+        self.order.streamed(count)
+        self._write(data)
+        return True
+
+    def _after_fill(self) -> None:
+        if "inflight" in self.paused and self.order.inflight <= self.max_inflight // 2:
             self.resume("inflight")
-        if not replies:
+        if not self.order:
             if self.drained is not None and not self.drained.done():
                 self.drained.set_result(None)
             if self.closing:
                 self._close_if_done()
 
-    def fill_partial(self, slot: Slot, data, count: int) -> bool:
+    def _write(self, data: bytes) -> None:
         transport = self.transport
-        if transport is None or not self.replies or self.replies[0] is not slot:
-            return False
-        self.inflight -= count
-        self.server.io[1] += len(data)
+        self.host.stats.bytes.sent += len(data)
         transport.write(data)
-        self._check_output(transport)
-        return True
-
-    def _check_output(self, transport) -> None:
         if self.write_paused and self.output_hard and transport.get_write_buffer_size() > self.output_hard:
             log.warning("client %d: output buffer over %d bytes, disconnecting", self.id, self.output_hard)
-            self.server.stats["output_limit_disconnects"] += 1
+            self.host.stats.clients.output_limit_disconnects += 1
             transport.abort()
 
     def _close_if_done(self) -> None:
-        if self.closing and not self.replies and self.transport is not None:
+        if self.closing and not self.order and self.transport is not None:
             self.transport.close()
 
     async def _wait_drained(self) -> None:
         """Wait until every earlier reply has been written (before switching connections)."""
-        while self.replies:
+        while self.order:
             self.drained = asyncio.get_running_loop().create_future()
             await self.drained
         self.drained = None
 
-    # -- async steps: pinning and relaying ---------------------------------------------------------
-    def _run_hold(self, frames: list, i: int, step) -> int:
-        """Stop reading, run `step` (a coroutine function), then continue with the frames from i."""
-        self.backlog = frames[i:]
-        self.pause("hold")
-        self.hold = asyncio.get_running_loop().create_task(self._hold(step))
+    # -- steps: work that later commands must wait for -----------------------------------------------
+    def step(self, frames: list, i: int, step) -> int:
+        """Stop reading, run `step` (a coroutine function), then continue with frames[i + 1:]
+        (frames[i] is the command the step answers). Returns the index where dispatch stops."""
+        self.backlog = frames[i + 1:]
+        self._start_step(step)
         return len(frames)
 
-    async def _hold(self, step) -> None:
-        try:
-            await step()
-        except asyncio.CancelledError:
+    def step_inline(self, step) -> None:
+        """Like step(), for work started in the middle of dispatching: the frames not yet dispatched
+        become the backlog when dispatch stops (see _dispatch)."""
+        if self.hold is not None:       # already inside a step: run it as part of that one
+            asyncio.get_running_loop().create_task(self._guarded(step))
             return
-        except Exception:  # a bug in a step must not leave the client hanging
-            log.exception("client %d: internal error", self.id)
-            self.reply(error("ERR internal proxy error"))
-            self.closing = True
-            self._close_if_done()
+        if self.backlog is None:
+            self.backlog = []
+        self._start_step(step)
+
+    def _start_step(self, step) -> None:
+        self.pause("hold")
+        self.hold = asyncio.get_running_loop().create_task(self._hold(step))
+        self.host.track(self.hold)
+
+    async def _hold(self, step) -> None:
+        await self._guarded(step)
         self.hold = None
         self.resume("hold")     # continues with the frames that waited for this step
 
+    async def _guarded(self, step) -> None:
+        try:
+            await step()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug in a step must not leave the client hanging
+            log.exception("client %d: internal error", self.id)
+            self.reply(errors.INTERNAL)
+            self.closing = True
+            self._close_if_done()
+
+    # -- pinning -------------------------------------------------------------------------------------
     def _start_pin(self, frames: list, i: int) -> int:
-        if not self.replies:
-            conn = self.pool.take_free(self.proto)
+        args = frames[i]
+        key = self.pool.first_key(args)
+        if not self.order:
+            conn = self.pool.take_free(self.proto, key)
             if conn is not None:
                 self.pin = conn
-                return self._pinned(frames, i, frames[i][0].upper(), kind_of(self.table, frames[i][0]))
+                return self._pinned(frames, i, args[0].upper(), kind_of(self.table, args[0]))
+        self.backlog = frames[i:]
 
         async def acquire():
             await self._wait_drained()
             try:
-                self.pin = await self.pool.get_dedicated(self.proto)
+                self.pin = await self.pool.get_dedicated(self.proto, key)
                 # frames[i] is dispatched (and counted) again from the backlog: count it once.
-                self.server.commands[kind_of(self.table, frames[i][0])] -= 1
+                self.host.stats.commands[kind_of(self.table, args[0])] -= 1
             except UpstreamUnavailable as exc:
                 # Answer the command that needed the pin; the rest proceed as usual.
-                self.reply(error(f"ERR upstream unavailable: {exc}"))
+                self.reply(errors.upstream_unavailable(str(exc)))
                 del self.backlog[0]
-        return self._run_hold(frames, i, acquire)
+        self._start_step(acquire)
+        return len(frames)
 
     def _holds_state(self) -> bool:
-        return (self.in_multi or self.watching or self.named or self.blocking > 0
-                or self.db != self.server.cfg.upstream.db)
+        return self.watching or self.blocking > 0 or self.db != self.host.cfg.upstream.db
 
     def _pin_lost(self) -> None:
-        """The dedicated connection died: its state (transaction, watches, db, name) is gone too."""
+        """The dedicated connection died: its state (watches, db) is gone too."""
         self._unpin(clean=False)
-        self.in_multi = self.watching = self.named = False
+        self.watching = False
+        self.watch_slot = None
         self.blocking = 0
-        self.db = self.server.cfg.upstream.db
+        self.db = self.host.cfg.upstream.db
 
     def _unpin(self, clean: bool) -> None:
         conn, self.pin = self.pin, None
@@ -412,38 +504,34 @@ class ClientSession(asyncio.Protocol):
             self.pool.release(conn, clean)
 
     def _pinned(self, frames: list, i: int, name: bytes, kind: int) -> int:
-        """While pinned, everything goes to the dedicated connection but proxy-local session commands."""
-        args = frames[i]
-        if name in (b"AUTH", b"QUIT", b"HELLO"):
-            return self._local(frames, i, name)
-        if name == b"CLIENT" and len(args) > 1 and args[1].upper() in (b"SETINFO", b"ID"):
-            return self._local(frames, i, name)
-        if kind == RELAY or (name == b"CLIENT" and _starts_relay(args)):
+        """While pinned, everything goes to the dedicated connection but proxy-local commands."""
+        if kind == LOCAL and name != b"SELECT":
+            return local.run(self, frames, i, name)
+        if kind == RELAY:
             return self._start_relay(frames, i)
-        after = self._after_pinned
-        if name == b"MULTI":
-            self.in_multi = True
-        elif name in (b"EXEC", b"DISCARD"):
-            self.in_multi = self.watching = False
-        elif name == b"WATCH" and not self.in_multi:
-            self.watching = True
-        elif name == b"UNWATCH" and not self.in_multi:
-            self.watching = False
-        elif name == b"CLIENT" and len(args) > 2 and args[1].upper() == b"SETNAME":
-            self.named = True
-        elif name == b"SELECT" and not self.in_multi:
-            after = _after_select(self, args)
-        elif name == b"RESET":
-            after = self._after_reset
-        elif not self.in_multi and commands.is_blocking(name, args):
-            self.blocking += 1
-            self.pin.timeout_exempt += 1
-            after = self._after_blocking
-        slot = Slot(self, 1, after)
-        self.replies.append(slot)
-        self.inflight += 1
-        self.pin.send(encode_command(args), slot)
+        if kind == TX:
+            return transaction.start(self, frames, i, name)
+        self.send_pinned(frames[i])
         return i + 1
+
+    def send_pinned(self, args: list[bytes], after=None) -> None:
+        """One command on the dedicated connection; the state it starts or ends is tracked here."""
+        name = args[0].upper()
+        if after is None:
+            after = self._after_pinned
+            if name == b"WATCH":
+                self.watching = True
+            elif name == b"UNWATCH":
+                self.watching = False
+                self.watch_slot = None
+            elif name == b"SELECT":
+                after = _after_select(self, args)
+            elif is_blocking(name, args):
+                self.blocking += 1
+                self.pin.timeout_exempt += 1
+                after = self._after_blocking
+        slot = self.order.add(self, 1, after)
+        self.pin.send_direct(encode_command(args), slot)
 
     def _after_pinned(self, slot: Slot, data):
         if self.pin is not None and not self.pin.waiters and not self._holds_state():
@@ -456,51 +544,104 @@ class ClientSession(asyncio.Protocol):
             self.pin.timeout_exempt -= 1
         return self._after_pinned(slot, data)
 
-    def _after_reset(self, slot: Slot, data):
-        self._reset_state()
-        return self._after_pinned(slot, data)
+    def end_watch(self, clean: bool) -> None:
+        """EXEC/DISCARD end a WATCH: give back its connection (closed unless EXEC reached it: then
+        Redis dropped the watch and the connection is clean)."""
+        self.watch_slot = None
+        if self.watching:
+            self.watching = False
+            if self.pin is not None and not self._holds_state():
+                self._unpin(clean=clean)
 
-    def _reset_state(self) -> None:
-        self.in_multi = self.watching = self.named = False
-        self.db = self.server.cfg.upstream.db
+    def reset_state(self) -> None:
+        """RESET: back to a new connection's state (and authentication), at once."""
+        self.tx = None
+        self.end_watch(clean=False)
+        if self.pin is not None:
+            self._unpin(clean=False)
+        self.blocking = 0
+        self.db = self.host.cfg.upstream.db
         self.proto = 2
-        self.conn = None
-        self.authed = not self.server.auth_required
+        self.name = None
+        self.authed = not self.host.auth_required
+        self.user = b"default"
 
+    # -- relaying -----------------------------------------------------------------------------------
     def _start_relay(self, frames: list, i: int) -> int:
         """Turn this session into a byte relay on a dedicated connection, from frames[i] on."""
+        first = frames[i]
+        self.backlog = frames[i:]
+
         async def enter():
             await self._wait_drained()
             conn = self.pin
             self.pin = None
             if conn is None:
+                key = self.pool.relay_key(first)
                 try:
-                    conn = await self._dedicated(self.backlog[0])
+                    conn = await self.pool.get_dedicated(self.proto, key)
                 except UpstreamUnavailable as exc:
-                    self.reply(error(f"ERR upstream unavailable: {exc}"))
+                    self.reply(errors.upstream_unavailable(str(exc)))
                     del self.backlog[0]
                     return
             conn.relay_to = self
             conn.timeout_exempt += 1
             self.relay = conn
-            self.server.stats["relays"] += 1
+            self.host.stats.clients.relays += 1
             backlog, self.backlog = self.backlog, None
-            frames = []
-            for args in backlog:
-                if args[0] is PROTOCOL_ERROR:   # relay what came before it, then drop the client
-                    self.closing = True
-                    break
-                frames.append(encode_command(args))
-            conn.send_raw(b"".join(frames) + (b"" if self.closing else self.parser.pending()))
-        return self._run_hold(frames, i, enter)
+            self._relay_frames(backlog)
+        self._start_step(enter)
+        return len(frames)
 
-    async def _dedicated(self, args: list[bytes]):
-        """The connection a relay starts on (a cluster session picks the node by the command)."""
-        return await self.pool.get_dedicated(self.proto)
+    def _relay_in(self, data: bytes) -> None:
+        """Client bytes in relay mode: still parsed and checked (denied commands, reserved keys,
+        RESET), then forwarded in order."""
+        if not data:
+            return
+        frames, _ = self.parser.feed(data)
+        if self.parser.error is not None:
+            frames.append([PROTOCOL_ERROR, self.parser.error])
+        if frames:
+            self.suspicious = reserved_in(data, self.host.guard.prefixes)
+            self._relay_frames(frames)
+
+    def _relay_frames(self, frames: list) -> None:
+        out = []
+        for args in frames:
+            if args[0] is PROTOCOL_ERROR:   # relay what came before it, then drop the client
+                self.closing = True
+                break
+            out.append(self._relay_command(args))
+        if out and self.relay is not None:
+            self.relay.send_raw(b"".join(out))
+        if self.closing and self.transport is not None:
+            self.transport.close()
+
+    def _relay_command(self, args: list[bytes]) -> bytes:
+        """The bytes to relay for one command. What the proxy answers or refuses itself becomes a
+        script that makes Redis answer exactly that, so the reply keeps its place in the stream."""
+        name = args[0].upper()
+        if not self.authed and name not in (b"AUTH", b"HELLO", b"QUIT", b"RESET"):
+            return _answer(errors.NOAUTH)
+        if kind_of(self.table, args[0]) == DENY:
+            return _answer(errors.not_supported(name))
+        if self.suspicious and self.host.guard.refuses(args):
+            self.host.stats.clients.reserved_refusals += 1
+            return _answer(self.host.guard.refusal)
+        if name == b"AUTH":
+            return _answer(local.auth(self, args[1:]) if 2 <= len(args) <= 3 else errors.wrong_arity(name))
+        if name == b"HELLO" and any(a.upper() == b"AUTH" for a in args[2:]):
+            return _answer(errors.line("ERR cacheproxy: HELLO AUTH is not supported after SUBSCRIBE, MONITOR "
+                                       "or CLIENT TRACKING; send AUTH first"))
+        if name == b"RESET":
+            # Nothing after RESET may run with the old state: the client is logged out now.
+            self.authed = not self.host.auth_required
+            self.user = b"default"
+        return encode_command(args)
 
     def relay_data(self, data: bytes) -> None:
         if self.transport is not None:
-            self.server.io[1] += len(data)
+            self.host.stats.bytes.sent += len(data)
             self.transport.write(data)
 
     def relay_lost(self) -> None:
@@ -509,140 +650,19 @@ class ClientSession(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    # -- proxy-local commands ----------------------------------------------------------------------
-    def _local(self, frames: list, i: int, name: bytes) -> int:
-        args = frames[i]
-        problem = commands.arity_error(name, args)
-        if problem:
-            self.reply(error(problem))
-            return i + 1
-        if name == b"PING":
-            self.reply(b"+PONG\r\n" if len(args) == 1 else encode_reply(args[1]))
-        elif name == b"ECHO":
-            self.reply(encode_reply(args[1]))
-        elif name == b"QUIT":
-            self.reply(OK)
-            self.closing = True
-            self._close_if_done()
-            return len(frames)
-        elif name == b"AUTH":
-            self.reply(self._auth(args[1:]))
-        elif name == b"HELLO":
-            self.reply(self._hello(args))
-        elif name == b"RESET":
-            self._reset_state()
-            self.reply(b"+RESET\r\n")
-        elif name == b"SELECT":
-            return self._select(frames, i)
-        elif name == b"CLIENT":
-            return self._client(frames, i)
-        return i + 1
-
-    def _auth(self, creds: list[bytes]) -> bytes:
-        server = self.server
-        if not server.auth_required:
-            return error("ERR AUTH <password> called without any password configured for the default "
-                         "user. Are you sure your configuration is correct?")
-        if server.check_password(creds):
-            self.authed = True
-            return OK
-        self.server.stats["auth_failures"] += 1
-        return WRONGPASS
-
-    def _hello(self, args: list[bytes]) -> bytes:
-        proto = self.proto
-        rest = args[1:]
-        if rest:
-            try:
-                proto = int(rest[0])
-            except ValueError:
-                return error("ERR Protocol version is not an integer or out of range")
-            if proto not in (2, 3):
-                return error("NOPROTO unsupported protocol version")
-            rest = rest[1:]
-        authed = self.authed
-        while rest:
-            option = rest[0].upper()
-            if option == b"AUTH" and len(rest) >= 3:
-                if not self.server.auth_required or not self.server.check_password(rest[1:3]):
-                    self.server.stats["auth_failures"] += 1
-                    return WRONGPASS
-                authed = True
-                rest = rest[3:]
-            elif option == b"SETNAME" and len(rest) >= 2:
-                rest = rest[2:]   # accepted; the name stays with the proxy session
-            else:
-                return error(f"ERR Syntax error in HELLO option '{rest[0].decode(errors='replace')}'")
-        if not authed:
-            return error("NOAUTH HELLO must be called with the client already authenticated, otherwise the "
-                         "HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and "
-                         "select the RESP protocol version at the same time")
-        if self.pin is not None and proto != self.proto:
-            return error("ERR cacheproxy cannot change the protocol inside a transaction or while "
-                         "the connection holds state")
-        self.authed = True
-        if proto != self.proto:
-            self.proto = proto
-            self.conn = None
-        info = {"server": "redis", "version": self.pool.server_version, "proto": proto, "id": self.id,
-                "mode": "standalone", "role": "master", "modules": []}
-        return encode_reply(info, proto)
-
-    def _select(self, frames: list, i: int) -> int:
-        try:
-            db = int(frames[i][1])
-        except ValueError:
-            self.reply(error("ERR value is not an integer or out of range"))
-            return i + 1
-        if db == self.db:
-            self.reply(OK)
-            return i + 1
-        return self._start_pin(frames, i)
-
-    def _client(self, frames: list, i: int) -> int:
-        args = frames[i]
-        sub = args[1].upper()
-        if sub == b"SETINFO":
-            self.reply(OK)   # redis-py sends it on connect; library names are per proxy client
-        elif sub == b"ID":
-            self.reply(b":%d\r\n" % self.id)
-        elif sub == b"GETNAME":
-            self.reply(encode_reply(None, self.proto))
-        elif sub == b"SETNAME":
-            return self._start_pin(frames, i)
-        elif _starts_relay(args):
-            return self._start_relay(frames, i)
-        elif sub in (b"TRACKING", b"REPLY"):
-            self.reply(OK)   # TRACKING off / REPLY on: already the case
-        else:
-            self.send_shared(encode_command(args), 1)
-        return i + 1
+    # -- FLUSHALL / FLUSHDB: the proxy's own state survives -------------------------------------------
+    async def _flush(self, args: list[bytes]) -> None:
+        slot = self.new_slot(1)
+        self.fill(slot, await self.host.guard.flush(args, self.proto))
 
 
-def _starts_relay(args: list[bytes]) -> bool:
-    """CLIENT TRACKING on and CLIENT REPLY off/skip: replies stop pairing with requests."""
-    if len(args) < 3:
-        return False
-    sub, mode = args[1].upper(), args[2].upper()
-    return (sub == b"TRACKING" and mode == b"ON") or (sub == b"REPLY" and mode in (b"OFF", b"SKIP"))
+def _answer(reply: bytes) -> bytes:
+    """A request that makes Redis answer `reply` (a status or an error line) in the relay's order."""
+    script = b"return redis.status_reply(ARGV[1])" if reply[:1] == b"+" else b"return redis.error_reply(ARGV[1])"
+    return encode_command((b"EVAL", script, b"0", reply[1:-2]))
 
 
-def _transaction_end(frames: list, i: int, table) -> int | None:
-    """If frames[i] is MULTI and its EXEC/DISCARD is in the same batch, with only plain commands in
-    between (nothing that changes the connection: SELECT, SUBSCRIBE, HELLO ...), return the index after it."""
-    for j in range(i + 1, len(frames)):
-        args = frames[j]
-        if args[0] is PROTOCOL_ERROR:
-            return None
-        name = args[0].upper()
-        if name in (b"EXEC", b"DISCARD"):
-            return j + 1
-        if kind_of(table, args[0]) != PASS and name not in (b"PING", b"ECHO"):
-            return None
-    return None
-
-
-def _after_select(session: ClientSession, args: list[bytes]):
+def _after_select(session: Session, args: list[bytes]):
     db = int(args[1])
 
     def after(slot: Slot, data):

@@ -29,7 +29,10 @@ from itertools import islice
 import hiredis
 from redis.crc import key_slot
 
-from ..protocol.resp import encode_command, error, parse_reply, scan_replies
+from ..ops.metrics import UpstreamEvents
+from ..protocol import errors
+from ..protocol.commands import keys_of
+from ..protocol.resp import encode_command, parse_reply, scan_replies
 from . import placement as cc
 from .single import FutureWaiter, UpstreamConnection, UpstreamPool, UpstreamUnavailable, _ssl_context
 
@@ -38,7 +41,7 @@ log = logging.getLogger("cacheproxy.cluster")
 SLOTS = 16384
 REFRESH_INTERVAL = 5.0
 REFRESH_GAP = 0.1
-LOST = b"-ERR upstream unavailable"
+LOST = errors.UPSTREAM_LOST_PREFIX
 _RETRY = (b"-MOVED ", b"-ASK ", b"-TRYAGAIN", b"-CLUSTERDOWN", b"-LOADING", b"-READONLY", b"-MASTERDOWN", LOST)
 ASKING = encode_command((b"ASKING",))
 SCAN_BITS = 10          # SCAN cursors carry the master's index in their low bits (up to 1024 masters)
@@ -102,7 +105,7 @@ class Redirecting:
         return False
 
     def on_error(self, message: str) -> None:
-        self.on_reply(error("ERR " + message) * self.count)
+        self.on_reply(errors.line("ERR " + message) * self.count)
 
 
 class _Waiter(FutureWaiter):
@@ -181,7 +184,7 @@ class NodePool(UpstreamPool):
             self.cluster.request_refresh()
 
     def connected_once(self) -> bool:
-        return self.stats["connects"] > 0 or self.stats["connect_errors"] > 0
+        return self.events.connects > 0 or self.events.connect_errors > 0
 
     async def wait_conn(self, proto: int, timeout: float) -> NodeConnection | None:
         deadline = self.loop.time() + timeout
@@ -212,7 +215,8 @@ class ClusterPool:
         self.last_error = "cluster map not known yet"
         self.server_version = "7.0.0"
         self.ready = asyncio.Event()
-        self.counters = {"moved": 0, "ask": 0, "retries": 0, "refreshes": 0, "refresh_errors": 0}
+        self.counters = UpstreamEvents()     # moved, ask, retries, refreshes (node pools count connects)
+        self.reason = "cluster map not known yet"
         self._rr = 0
         self._tasks: list[asyncio.Task] = []
         self._closing = False
@@ -246,10 +250,12 @@ class ClusterPool:
         return bool(self.master_list) and all(node.pick(2) is not None for node in self.master_list)
 
     @property
-    def stats(self) -> dict[str, int]:
-        out = dict(self.counters)
-        for key in ("connects", "connect_errors", "timeouts"):
-            out[key] = sum(node.stats[key] for node in self.nodes.values())
+    def events(self) -> UpstreamEvents:
+        """Every node's connection events and the map's own, summed (read at scrape time)."""
+        out = UpstreamEvents()
+        for name in out.__slots__:
+            total = getattr(self.counters, name) + sum(getattr(n.events, name) for n in self.nodes.values())
+            setattr(out, name, total)
         return out
 
     @property
@@ -311,15 +317,16 @@ class ClusterPool:
                 continue
             if table is not None:
                 self.table = table
-            if self._apply(shards, host):
-                self.counters["refreshes"] += 1
+            if self._apply(shards):
+                self.counters.refreshes += 1
                 if not self.ready.is_set():
                     log.info("cluster: %d masters, %d replicas", len(self.master_list),
                              sum(len(s[2]) for s in shards))
                     self.ready.set()
                 return True
             problem = f"{host}:{port}: the cluster map does not cover every slot"
-        self.counters["refresh_errors"] += 1
+        self.counters.refresh_errors += 1
+        self.reason = "cannot read the cluster map"
         if problem != self.last_error:
             log.warning("cluster: cannot read the slot map: %s", problem)
         self.last_error = problem
@@ -355,7 +362,7 @@ class ClusterPool:
             if temporary is not None:
                 temporary.close()
 
-    def _apply(self, shards: list, asked_host: str) -> bool:
+    def _apply(self, shards: list) -> bool:
         slots: list[NodePool | None] = [None] * SLOTS
         replicas: list[list[NodePool]] = [[] for _ in range(SLOTS)]
         masters: list[tuple[int, NodePool]] = []
@@ -392,7 +399,7 @@ class ClusterPool:
         return node
 
     def _moved(self, slot: int, node: NodePool) -> None:
-        self.counters["moved"] += 1
+        self.counters.moved += 1
         if 0 <= slot < SLOTS:
             self.slots[slot] = node
         self.request_refresh()
@@ -411,10 +418,6 @@ class ClusterPool:
                 return replicas[0] if replicas else self.slots[slot]
         return self.slots[slot]
 
-    def conn_for_slot(self, slot: int, proto: int, readonly: bool = False) -> NodeConnection | None:
-        node = self.node_for_slot(slot, readonly)
-        return node.pick(proto) if node is not None else None
-
     def any_master(self) -> NodePool | None:
         masters = self.master_list
         for _ in range(len(masters)):
@@ -429,6 +432,68 @@ class ClusterPool:
         node = self.any_master() if key is None else self.slots[key_slot(key)]
         return node.pick(proto) if node is not None else None
 
+    # -- the session's hooks --------------------------------------------------------------------
+    cluster = True
+
+    def node_for(self, args: list[bytes]) -> NodePool | None:
+        """The node a single-slot command goes to; None for the slow path (no keys, several slots,
+        an unknown command or no map yet)."""
+        table = self.table
+        spec = table.lookup(args) if table is not None else None
+        if spec is None:
+            return None
+        keys = keys_of(spec, args)
+        if not keys:
+            return None
+        slot = key_slot(keys[0])
+        for key in keys[1:]:
+            if key_slot(key) != slot:
+                return None
+        return self.node_for_slot(slot, spec.readonly)
+
+    def node_for_key(self, key: bytes) -> NodePool | None:
+        return self.slots[key_slot(key)]
+
+    def any_node(self) -> NodePool | None:
+        return self.any_master()
+
+    def slot_of(self, args: list[bytes]):
+        """The one slot of a command's keys; None without keys; CROSSSLOT when they span slots."""
+        keys = self.table.keys(args) if self.table is not None else None
+        if not keys:
+            return None
+        slot = key_slot(keys[0])
+        if any(key_slot(k) != slot for k in keys[1:]):
+            return cc.CROSSSLOT
+        return slot
+
+    def first_key(self, args: list[bytes]) -> bytes | None:
+        keys = self.table.keys(args) if self.table is not None else None
+        return keys[0] if keys else None
+
+    def relay_key(self, args: list[bytes]) -> bytes | None:
+        """SSUBSCRIBE listens on its channel's node; other relays on any master."""
+        return self.first_key(args) if args[0].upper() == b"SSUBSCRIBE" else None
+
+    def refusal(self, name: bytes, args: list[bytes]) -> bytes | None:
+        """What a cluster cannot do through one proxy connection (answered at once)."""
+        if name == b"SELECT" and len(args) == 2 and args[1] != b"0":
+            return errors.line("ERR SELECT is not allowed in cluster mode")
+        if name in (b"MONITOR", b"WAIT", b"WAITAOF"):
+            return cc.node_local_error(name.lower())
+        if name == b"SSUBSCRIBE" or (self.table is not None and self.table.lookup(args) is not None
+                                     and self.table.lookup(args).blocking):
+            if self.slot_of(args) is cc.CROSSSLOT:
+                return errors.CROSSSLOT
+        return None
+
+    async def run_everywhere(self, args, proto: int = 2) -> list[bytes]:
+        """One command on every master (e.g. the FLUSHALL script); every master's reply."""
+        masters = list(self.master_list)
+        if not masters:
+            return [errors.upstream_unavailable(self.reason)]
+        return list(await asyncio.gather(*(self._run_on(node, _as_bytes(args), proto) for node in masters)))
+
     def _node_for_key(self, key) -> NodePool | None:
         if key is None:
             return self.any_master()
@@ -442,7 +507,7 @@ class ClusterPool:
     async def get_dedicated(self, proto: int, key: bytes | None = None):
         node = self._node_for_key(key)
         if node is None:
-            raise UpstreamUnavailable(self.last_error)
+            raise UpstreamUnavailable(self.reason)
         return await node.get_dedicated(proto)
 
     def release(self, conn, clean: bool) -> None:
@@ -496,7 +561,7 @@ class ClusterPool:
             if reply is not None:
                 if not needs_retry(reply) or loop.time() >= deadline:
                     return reply
-                self.counters["retries"] += 1
+                self.counters.retries += 1
                 attempts += 1
                 if attempts > 3:        # nodes disagree for a moment (mid-reshard): don't spin
                     await asyncio.sleep(min(0.1, 0.01 * attempts))
@@ -510,7 +575,7 @@ class ClusterPool:
                     if reply.startswith(b"-MOVED "):
                         self._moved(int(slot_text), target)
                     else:
-                        self.counters["ask"] += 1
+                        self.counters.ask += 1
                         asking = True
                 elif reply.startswith(LOST):
                     if not (unsent or readonly):
@@ -524,7 +589,7 @@ class ClusterPool:
                     await self.wait_refresh(deadline)
                     table = self.table
                     if not self.ready.is_set():
-                        return error(f"ERR upstream unavailable: {self.last_error}")
+                        return errors.upstream_unavailable(self.reason)
                 kind, value = cc.place(table, args) if table is not None else (cc.ANY, None)
                 if kind == cc.SLOT:
                     target = self.node_for_slot(value, readonly)
@@ -545,21 +610,21 @@ class ClusterPool:
                           asking: bool = False) -> tuple[list[bytes], bool]:
         """`count` commands as one request to one node (ASKING first when asked): (replies, unsent)."""
         if node is None:
-            return [error(f"ERR upstream unavailable: {self.last_error}")] * count, True
+            return [errors.upstream_unavailable(self.reason)] * count, True
         conn = node.pick(proto)
         if conn is None:
             if node.connected_once():
-                return [error(f"ERR upstream unavailable: {node.last_error}")] * count, True
+                return [errors.upstream_unavailable(node.reason)] * count, True
             conn = await node.wait_conn(proto, self.cfg.connect_timeout)    # a node just learned of
             if conn is None:
-                return [error(f"ERR upstream unavailable: {node.last_error}")] * count, True
+                return [errors.upstream_unavailable(node.reason)] * count, True
         future = self.loop.create_future()
         waiter = _Waiter(future, count + asking)
         conn.send_direct(ASKING + request if asking else request, waiter)
         try:
             raw = await future
         except UpstreamUnavailable as exc:
-            return [error(f"ERR {exc}")] * count, waiter.unsent
+            return [errors.line(f"ERR {exc}")] * count, waiter.unsent
         replies = split_replies(raw, count + asking)
         return (replies[1:] if asking else replies), False
 
@@ -581,7 +646,7 @@ class ClusterPool:
                 lost = replies[-1].startswith(LOST) and unsent
                 if (moved is None and not lost) or self.loop.time() >= deadline:
                     return replies[-1]
-                self.counters["retries"] += 1
+                self.counters.retries += 1
                 if moved is not None and not moved.startswith(b"-TRYAGAIN"):
                     try:
                         _, slot_text, address = moved.split(b"\r\n", 1)[0].split(b" ")
@@ -618,14 +683,14 @@ class ClusterPool:
                             seen.add(replica.addr)
                             nodes.append(replica)
             if not nodes:
-                return error(f"ERR upstream unavailable: {self.last_error}")
+                return errors.upstream_unavailable(self.reason)
             replies = await asyncio.gather(*(self._run_on(node, args, proto) for node in nodes))
             return cc.merge_fanout(spec, list(replies))
         if kind == cc.SCAN:
             return await self._scan(args, proto)
         if kind == cc.ONE:
             return await self._run_on(self.master_list[0] if self.master_list else None, args, proto)
-        return error("ERR internal proxy error: unknown placement")
+        return errors.INTERNAL
 
     async def _run_on(self, node: NodePool | None, args: list[bytes], proto: int) -> bytes:
         reply, _ = await self._send(node, args, proto)
@@ -639,7 +704,7 @@ class ClusterPool:
             if cursor < 0:
                 raise ValueError
         except ValueError:
-            return error("ERR invalid cursor")
+            return errors.line("ERR invalid cursor")
         masters = self.master_list
         index, node_cursor = cursor & ((1 << SCAN_BITS) - 1), cursor >> SCAN_BITS
         if index >= len(masters):

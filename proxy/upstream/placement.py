@@ -22,9 +22,11 @@ import random
 
 from redis.crc import key_slot
 
-from ..protocol.resp import error, scan_replies
+from ..protocol import errors
+from ..protocol.commands import CommandTable, Spec, keys_of
+from ..protocol.resp import scan_replies
 
-CROSSSLOT = error("CROSSSLOT Keys in request don't hash to the same slot")
+CROSSSLOT = errors.CROSSSLOT
 
 # Kinds of placement returned by place().
 SLOT, ANY, SPLIT, FANOUT, ERROR, SCAN, ONE = range(7)
@@ -50,158 +52,7 @@ ONE_NODE = frozenset((b"info",))
 
 
 def node_local_error(name: bytes) -> bytes:
-    return error(f"ERR cacheproxy cluster mode: '{name.decode(errors='replace').replace('|', ' ').upper()}' "
-                 "acts on a single node's state; send it to the nodes directly")
-
-
-class Spec:
-    """One command (or subcommand) as the upstream's COMMAND describes it."""
-
-    __slots__ = ("name", "arity", "first", "last", "step", "movable", "key_specs", "readonly", "blocking",
-                 "subs", "request", "response")
-
-    def __init__(self, entry: list):
-        self.name = entry[0].lower()
-        self.arity = entry[1]
-        flags = set(entry[2])
-        self.first, self.last, self.step = entry[3], entry[4], entry[5]
-        self.movable = b"movablekeys" in flags
-        self.readonly = b"readonly" in flags
-        self.blocking = b"blocking" in flags
-        tips = entry[7] if len(entry) > 7 else []
-        self.request = self.response = None
-        for tip in tips:
-            if tip.startswith(b"request_policy:"):
-                self.request = tip.split(b":", 1)[1]
-            elif tip.startswith(b"response_policy:"):
-                self.response = tip.split(b":", 1)[1]
-        self.key_specs = [_spec_dict(s) for s in entry[8]] if len(entry) > 8 and entry[8] else []
-        self.subs: dict[bytes, Spec] = {}
-        if len(entry) > 9 and entry[9]:
-            for sub in entry[9]:
-                spec = Spec(sub)
-                self.subs[spec.name.split(b"|", 1)[1]] = spec
-
-
-def _spec_dict(flat) -> dict:
-    """RESP2 flattens maps into [k1, v1, k2, v2 ...]; nested ones too."""
-    if not isinstance(flat, list) or len(flat) % 2:
-        return {}
-    out = {}
-    for key, value in zip(flat[::2], flat[1::2], strict=True):
-        if isinstance(value, list) and key in (b"begin_search", b"find_keys", b"spec"):
-            value = _spec_dict(value)
-        out[key] = value
-    return out
-
-
-class CommandTable:
-    """Key positions and routing tips of every command the upstream knows (from its COMMAND reply)."""
-
-    def __init__(self, reply: list):
-        self.specs: dict[bytes, Spec] = {}
-        for entry in reply:
-            if isinstance(entry, list) and len(entry) >= 6:
-                spec = Spec(entry)
-                self.specs[spec.name] = spec
-                self.specs[spec.name.upper()] = spec
-
-    def lookup(self, args: list[bytes]) -> Spec | None:
-        spec = self.specs.get(args[0])
-        if spec is None:
-            spec = self.specs.get(args[0].lower())
-            if spec is None:
-                return None
-        if spec.subs and len(args) > 1:
-            return spec.subs.get(args[1].lower(), spec)
-        return spec
-
-    def keys(self, args: list[bytes]) -> list[bytes] | None:
-        """The keys of a command, or None when the table cannot tell (unknown, wrong arity, bad
-        numkeys): such a command is sent to any node and Redis answers it."""
-        spec = self.lookup(args)
-        if spec is None:
-            return None
-        return keys_of(spec, args)
-
-    def readonly(self, args: list[bytes]) -> bool:
-        spec = self.lookup(args)
-        return spec is not None and spec.readonly
-
-    def stateful(self, args: list[bytes]) -> bool:
-        """Commands a redirect must not move to a shared connection: blocking ones, transactions."""
-        spec = self.lookup(args)
-        return spec is None or spec.blocking or spec.name in (b"watch", b"unwatch", b"multi", b"exec", b"discard")
-
-
-def keys_of(spec: Spec, args: list[bytes]) -> list[bytes] | None:
-    n = len(args)
-    arity = spec.arity
-    if (arity > 0 and n != arity) or n < -arity:
-        return None
-    if not spec.movable:
-        first = spec.first
-        if first <= 0:
-            return []
-        last = spec.last
-        if last < 0:
-            last += n
-        return args[first:last + 1:spec.step]
-    keys: list[bytes] = []
-    for ks in spec.key_specs:
-        positions = _spec_positions(ks, args)
-        if positions is None:
-            return None
-        keys.extend(args[i] for i in positions)
-    return keys
-
-
-def _spec_positions(ks: dict, args: list[bytes]) -> list[int] | None:
-    """Key positions by one key spec, as Redis computes them (db.c, getKeysUsingKeySpecs).
-    [] when the spec does not apply (keyword absent, unknown spec); None on a malformed command."""
-    argc = len(args)
-    begin, find = ks.get(b"begin_search", {}), ks.get(b"find_keys", {})
-    bspec, fspec = begin.get(b"spec", {}), find.get(b"spec", {})
-    if begin.get(b"type") == b"index":
-        first = bspec.get(b"index", 0)
-    elif begin.get(b"type") == b"keyword":
-        keyword = bspec.get(b"keyword", b"").upper()
-        start = bspec.get(b"startfrom", 1)
-        indexes = range(start, argc) if start > 0 else range(argc + start, 0, -1)
-        first = next((i + 1 for i in indexes if 1 <= i < argc and args[i].upper() == keyword), 0)
-        if not first:
-            return []
-    else:
-        return []       # "unknown" specs (SORT BY/GET patterns): Redis itself cannot place them
-    if find.get(b"type") == b"range":
-        step = fspec.get(b"keystep", 1) or 1
-        lastkey, limit = fspec.get(b"lastkey", 0), fspec.get(b"limit", 0)
-        if lastkey >= 0:
-            last = first + lastkey
-        elif not limit:
-            last = argc + lastkey
-        else:
-            last = first + ((argc - first) // limit + lastkey)
-    elif find.get(b"type") == b"keynum":
-        step = fspec.get(b"keystep", 1) or 1
-        index = first + fspec.get(b"keynumidx", 0)
-        if index >= argc:
-            return None
-        try:
-            numkeys = int(args[index])
-        except ValueError:
-            return None
-        if numkeys < 0:
-            return None
-        first += fspec.get(b"firstkey", 1)
-        last = first + numkeys - 1
-        if numkeys == 0:
-            return []
-    else:
-        return []
-    if last >= argc or last < first or first >= argc:
-        return None
-    return list(range(first, last + 1, step))
+    return errors.cluster_node_local(name)
 
 
 # -- placement -------------------------------------------------------------------------------------
@@ -233,8 +84,7 @@ def place(table: CommandTable, args: list[bytes]):
         if name in ONE_NODE:
             return ONE, None
         if spec.response == b"special":
-            return ERROR, error(f"ERR cacheproxy cluster mode: '{name.decode().replace('|', ' ').upper()}' "
-                                "has a per-node answer; send it to the nodes directly")
+            return ERROR, errors.cluster_per_node(name)
         return FANOUT, (spec, request == b"all_nodes")
     return ANY, None
 

@@ -21,7 +21,10 @@ import random
 import ssl
 from collections import deque
 
-from ..protocol.resp import encode_command, error, parse_reply, scan_replies
+from ..ops.metrics import UpstreamEvents
+from ..protocol import errors
+from ..protocol.commands import CommandTable
+from ..protocol.resp import encode_command, parse_reply, scan_replies
 
 log = logging.getLogger("cacheproxy.upstream")
 
@@ -208,8 +211,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.send(encode_command(args), FutureWaiter(future))
         return await future
 
+    send_direct = send      # a cluster node connection's send() follows redirects; this one has none
+
     def _fail_all(self, message: str) -> None:
-        reply = error("ERR " + message)
+        reply = errors.line("ERR " + message)
         waiters, self.waiters = self.waiters, deque()
         self.out = []
         self.buf = bytearray()
@@ -226,7 +231,12 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 class UpstreamPool:
+    """The connections to one Redis node; in single-node mode it is also the whole upstream (the
+    session's hooks below: every command goes to this one node)."""
+
     connection_class = UpstreamConnection
+    cluster = False
+
     def __init__(self, cfg, loop: asyncio.AbstractEventLoop | None = None):
         self.cfg = cfg   # the `upstream` config section
         self.loop = loop or asyncio.get_running_loop()
@@ -235,13 +245,15 @@ class UpstreamPool:
         self.free: dict[int, list[UpstreamConnection]] = {2: [], 3: []}
         self.dedicated: set[UpstreamConnection] = set()
         self.free_cap = max(4, cfg.pool_size)
-        self.last_error = "not connected yet"
+        self.last_error = "not connected yet"     # for logs: names the address
+        self.reason = "not connected yet"         # for clients: never an address or a secret
+        self.table: CommandTable | None = None    # the upstream's COMMAND reply, read on first connect
         self.server_version = "7.0.0"
         self._rr = 0
         self._tasks: list[asyncio.Task] = []
         self._closing = False
         self.ssl_context = _ssl_context(cfg) if cfg.use_tls else None
-        self.stats = {"connects": 0, "connect_errors": 0, "timeouts": 0}
+        self.events = UpstreamEvents()
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -321,16 +333,17 @@ class UpstreamPool:
             self._connect_failed(exc)
             raise UpstreamUnavailable(self.last_error) from None
         conn.up = True
-        self.stats["connects"] += 1
+        self.events.connects += 1
         if dedicated:
             self.dedicated.add(conn)
         return conn
 
     def _connect_failed(self, exc: BaseException) -> None:
-        self.stats["connect_errors"] += 1
+        self.events.connect_errors += 1
         reason = str(exc) or type(exc).__name__
         if isinstance(exc, asyncio.TimeoutError):
             reason = "timed out"
+        self.reason = f"cannot connect: {reason}"
         message = f"cannot reach {self.host}:{self.port}: {reason}"
         if message != self.last_error:
             log.warning("upstream: %s", message)
@@ -348,14 +361,81 @@ class UpstreamPool:
         version = info.get(b"version")
         if version:
             self.server_version = version.decode()
+        if self.table is None:
+            self.table = await _command_table(conn)
         if cfg.db:
             reply = parse_reply(await conn.call("SELECT", str(cfg.db)))
             if isinstance(reply, Exception):
                 raise UpstreamUnavailable(f"SELECT {cfg.db} refused: {reply}")
         conn.db = cfg.db
 
+    # -- the session's hooks (one node: everything goes here) -----------------------------------
+    def node_for(self, args: list[bytes]) -> UpstreamPool:
+        return self
+
+    def node_for_key(self, key: bytes) -> UpstreamPool:
+        return self
+
+    def node_for_slot(self, slot: int, readonly: bool = False) -> UpstreamPool:
+        return self
+
+    def any_node(self) -> UpstreamPool:
+        return self
+
+    def slot_of(self, args: list[bytes]) -> int | None:
+        """One node holds every key: any command with an argument is "in slot 0"."""
+        return 0 if len(args) > 1 else None
+
+    def first_key(self, args: list[bytes]) -> bytes | None:
+        return None
+
+    def relay_key(self, args: list[bytes]) -> bytes | None:
+        return None
+
+    def refusal(self, name: bytes, args: list[bytes]) -> bytes | None:
+        return None
+
+    async def run(self, args, proto: int = 2) -> bytes:
+        """One command, its raw reply; waits (up to connect_timeout) for a connection if none is up."""
+        conn = await self.wait_conn(proto, self.cfg.connect_timeout)
+        if conn is None:
+            return errors.upstream_unavailable(self.reason)
+        try:
+            return await conn.call(*args)
+        except UpstreamUnavailable as exc:
+            return errors.upstream_unavailable(str(exc))
+
+    async def run_everywhere(self, args, proto: int = 2) -> list[bytes]:
+        return [await self.run(args, proto)]
+
+    async def transaction(self, commands: list, proto: int, slot, first=None, unsent: bool = False) -> bytes:
+        """MULTI + commands + EXEC again after the block was lost before it left; EXEC's reply."""
+        if first is not None and not unsent:
+            return first[-1]
+        conn = await self.wait_conn(proto, self.cfg.connect_timeout)
+        if conn is None:
+            return errors.upstream_unavailable(self.reason)
+        future = self.loop.create_future()
+        request = b"".join(map(encode_command, [(b"MULTI",), *commands, (b"EXEC",)]))
+        conn.send(request, FutureWaiter(future, len(commands) + 2))
+        try:
+            raw = await future
+        except UpstreamUnavailable as exc:
+            return errors.upstream_unavailable(str(exc))
+        pos, _ = scan_replies(raw, 0, len(commands) + 1)
+        return raw[pos:]
+
+    async def wait_conn(self, proto: int, timeout: float) -> UpstreamConnection | None:
+        """A shared connection, waiting up to `timeout` for one to come up."""
+        conn = self.pick(proto)
+        deadline = self.loop.time() + timeout
+        while conn is None and self.loop.time() < deadline and not self._closing:
+            await asyncio.sleep(0.01)
+            conn = self.pick(proto)
+        return conn
+
     # -- dedicated connections -----------------------------------------------------------------
-    def take_free(self, proto: int) -> UpstreamConnection | None:
+    def take_free(self, proto: int, key: bytes | None = None) -> UpstreamConnection | None:
         free = self.free[proto]
         while free:
             conn = free.pop()
@@ -363,7 +443,7 @@ class UpstreamPool:
                 return conn
         return None
 
-    async def get_dedicated(self, proto: int) -> UpstreamConnection:
+    async def get_dedicated(self, proto: int, key: bytes | None = None) -> UpstreamConnection:
         return self.take_free(proto) or await self.connect(proto, dedicated=True)
 
     def release(self, conn: UpstreamConnection, clean: bool) -> None:
@@ -402,10 +482,19 @@ class UpstreamPool:
             for conn in conns:
                 if (conn.waiters and not conn.timeout_exempt and conn.relay_to is None
                         and now - conn.progress_at > timeout):
-                    self.stats["timeouts"] += 1
+                    self.events.timeouts += 1
                     log.warning("upstream: no reply for %.1fs, closing the connection", timeout)
                     conn._fail_all(f"upstream unavailable: no reply within {timeout:g}s")
                     conn.close()
+
+
+async def _command_table(conn: UpstreamConnection) -> CommandTable | None:
+    """The upstream's COMMAND reply as a table (None if refused: key positions are then unknown)."""
+    reply = parse_reply(await conn.call("COMMAND"))
+    if isinstance(reply, Exception) or not isinstance(reply, list):
+        log.warning("upstream: COMMAND refused (%s); reserved-key checks look at every argument", reply)
+        return None
+    return CommandTable(reply)
 
 
 def _ssl_context(cfg) -> ssl.SSLContext:

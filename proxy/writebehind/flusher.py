@@ -30,14 +30,23 @@ import socket
 import time
 from dataclasses import dataclass
 
-from prometheus_client import Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from redis.crc import key_slot
 
 from ..backends.base import BackendError, WriteOp
 from ..cache.encoding import from_hash
 from ..cache.keys import companion
 from ..cache.loader import ttl_ms
+from ..ops.metrics import (
+    WB_BATCH_SIZE,
+    WB_DEAD_LETTERED,
+    WB_DEAD_LETTERS,
+    WB_FLUSH_SECONDS,
+    WB_LAG,
+    WB_LANDED,
+    WB_PARTITIONS,
+    WB_PENDING,
+    WB_RETRIES,
+)
 from ..upstream.single import UpstreamUnavailable
 from .queue import (
     CLAIM,
@@ -58,8 +67,6 @@ from .queue import (
 
 log = logging.getLogger("cacheproxy.writer")
 
-BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
-FLUSH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 DEAD_MAXLEN = 100_000
 SWEEP_EVERY = 60.0      # cluster mode: how often the masters are scanned for streams nobody was told about
 
@@ -93,7 +100,7 @@ class Writer:
         self.pending = 0
         self.lag_s = 0.0
         self.dead_letters = 0
-        self.counts: dict[tuple[str, str], int] = {}      # (route, landed|dead|retry) -> n
+        self.metrics = metrics
         self._events = [asyncio.Event() for _ in range(self.cfg.partitions)]
         self._tasks: list[asyncio.Task] = []
         self._partition_tasks: list[asyncio.Task] = []
@@ -101,11 +108,12 @@ class Writer:
         self._sweep_now = asyncio.Event()
         self._stopping = False
         self._last_error = ""       # why the last backend batch failed (for dead letters after max_attempts)
-        self.batch_size = Histogram("cacheproxy_writebehind_batch_size", "Writes per backend batch",
-                                    ["backend"], buckets=BATCH_BUCKETS, registry=metrics.registry)
-        self.flush_seconds = Histogram("cacheproxy_writebehind_flush_seconds", "Backend batch write latency",
-                                       ["backend"], buckets=FLUSH_BUCKETS, registry=metrics.registry)
-        metrics.extra_collectors.append(self.collect)
+        self.batch_size = metrics.histogram(WB_BATCH_SIZE)
+        self.flush_seconds = metrics.histogram(WB_FLUSH_SECONDS)
+        metrics.read(WB_PENDING, lambda: self.pending)
+        metrics.read(WB_LAG, lambda: self.lag_s)
+        metrics.read(WB_DEAD_LETTERS, lambda: self.dead_letters)
+        metrics.read(WB_PARTITIONS, lambda: len(self.owned))
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -472,8 +480,7 @@ class Writer:
         self._count(route, "dead")
 
     def _count(self, route: str, what: str, n: int = 1) -> None:
-        key = (route, what)
-        self.counts[key] = self.counts.get(key, 0) + n
+        self.metrics.count(_OUTCOMES[what], (route,), n)
 
     # -- metrics -----------------------------------------------------------------------------------
     async def _monitor(self) -> None:
@@ -553,26 +560,8 @@ class Writer:
             await self.pool.execute(b"SADD", dirty, *sorted(slots), key=dirty)
             self.notify(partition)
 
-    def collect(self):
-        yield GaugeMetricFamily("cacheproxy_writebehind_pending", "Writes queued and not yet in the database",
-                                value=self.pending)
-        yield GaugeMetricFamily("cacheproxy_writebehind_lag_seconds", "Age of the oldest queued write",
-                                value=self.lag_s)
-        yield GaugeMetricFamily("cacheproxy_writebehind_dead_letters", "Entries in the dead-letter stream",
-                                value=self.dead_letters)
-        yield GaugeMetricFamily("cacheproxy_writebehind_partitions_owned", "Queue partitions this sidecar flushes",
-                                value=len(self.owned))
-        families = {
-            "landed": CounterMetricFamily("cacheproxy_writebehind_landed", "Queued writes that reached the database",
-                                          labels=["route"]),
-            "retry": CounterMetricFamily("cacheproxy_writebehind_retries", "Backend batch writes retried",
-                                         labels=["route"]),
-            "dead": CounterMetricFamily("cacheproxy_writebehind_dead_lettered", "Writes sent to the dead letters",
-                                        labels=["route"]),
-        }
-        for (route, what), value in self.counts.items():
-            families[what].add_metric([route], value)
-        yield from families.values()
+
+_OUTCOMES = {"landed": WB_LANDED, "retry": WB_RETRIES, "dead": WB_DEAD_LETTERED}
 
 
 def _op(route, params: dict, entry: Entry) -> WriteOp | None:

@@ -118,7 +118,7 @@ class Writes:
                 log.exception("routed write failed")
                 reply = error("ERR internal proxy error")
             session.fill(slot, reply)
-        return session._run_hold(frames, i + 1, step)
+        return session.step(frames, i, step)
 
     async def execute(self, args: list[bytes], proto: int) -> bytes:
         name = args[0].upper()
