@@ -14,7 +14,8 @@ Two halves:
               CLIENT TRACKING on, CLIENT REPLY off: replies no longer pair with requests)
     DENY      not supported through a proxy (replication handshakes, SHUTDOWN)
     TX        MULTI/EXEC/DISCARD/WATCH/UNWATCH: queued by the session, sent as one block
-    FLUSH     FLUSHALL/FLUSHDB: run as a script that keeps the proxy's own state (session/guard.py)
+    FLUSH     FLUSHALL/FLUSHDB/SWAPDB: the whole keyspace; the proxy's own state survives them
+              (session/guard.py)
     LISTKEYS  KEYS/SCAN: the proxy's own keys are filtered out of the reply
     ROUTED    a read or write the router may own (only when routes are configured)
 - What the upstream says about each command (its `COMMAND` reply, read when the pool connects):
@@ -50,7 +51,7 @@ DENY_COMMANDS = ("SYNC", "PSYNC", "REPLCONF", "SHUTDOWN")   # SHUTDOWN: an app m
 
 TX_COMMANDS = ("MULTI", "EXEC", "DISCARD", "WATCH", "UNWATCH")
 
-FLUSH_COMMANDS = ("FLUSHALL", "FLUSHDB")
+FLUSH_COMMANDS = ("FLUSHALL", "FLUSHDB", "SWAPDB")
 
 LISTKEYS_COMMANDS = ("KEYS", "SCAN")
 

@@ -93,7 +93,8 @@ class Guard:
             return any(arg.startswith(prefixes) for arg in args[1:])
         if any(key.startswith(prefixes) for key in keys):
             return True
-        if args[0].upper() in _FREE_TEXT:
+        name = args[0].upper()
+        if name in _FREE_TEXT:
             return any(prefix in arg for arg in args[1:] for prefix in prefixes)
         return False
 
@@ -127,7 +128,14 @@ class Guard:
             pos = end
         return array[:1] + b"%d\r\n" % len(kept) + b"".join(kept)
 
-    # -- FLUSHALL / FLUSHDB ------------------------------------------------------------------------
+    # -- FLUSHALL / FLUSHDB / SWAPDB ---------------------------------------------------------------
+    def swapdb_refusal(self, args: list[bytes]) -> bytes | None:
+        """SWAPDB of the proxy's database would move the queue where the proxy no longer sees it."""
+        if len(args) == 3 and b"%d" % self.db in args[1:3]:
+            return errors.refused(f"SWAPDB of database {self.db} would move cacheproxy's write-behind queue "
+                                  "and leases out of its reach")
+        return None
+
     async def flush(self, args: list[bytes], proto: int) -> bytes:
         """FLUSHALL/FLUSHDB [ASYNC|SYNC] as the keep-the-queue script, on every master."""
         name = args[0].upper()

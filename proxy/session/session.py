@@ -294,8 +294,15 @@ class Session(asyncio.Protocol):
                 return i + 1
             return self._start_pin(frames, i)
         if kind == FLUSH:
-            self.step(frames, i, lambda: self._flush(args))
-            return len(frames)
+            if name == b"SWAPDB":
+                problem = self.host.guard.swapdb_refusal(args)
+                if problem is None:
+                    self.send_commands([args])
+                else:
+                    self.reply(problem)
+                return i + 1
+            slot = self.new_slot(1)
+            return self.step(frames, i, lambda: self._flush(slot, args))
         if kind == LISTKEYS:
             self.send_commands([args], after=self.host.guard.listing_filter(name))
             return i + 1
@@ -651,8 +658,7 @@ class Session(asyncio.Protocol):
             self.transport.close()
 
     # -- FLUSHALL / FLUSHDB: the proxy's own state survives -------------------------------------------
-    async def _flush(self, args: list[bytes]) -> None:
-        slot = self.new_slot(1)
+    async def _flush(self, slot: Slot, args: list[bytes]) -> None:
         self.fill(slot, await self.host.guard.flush(args, self.proto))
 
 

@@ -248,6 +248,7 @@ class UpstreamPool:
         self.last_error = "not connected yet"     # for logs: names the address
         self.reason = "not connected yet"         # for clients: never an address or a secret
         self.table: CommandTable | None = None    # the upstream's COMMAND reply, read on first connect
+        self.down_since: float | None = self.loop.time()    # no shared connection up since then
         self.server_version = "7.0.0"
         self._rr = 0
         self._tasks: list[asyncio.Task] = []
@@ -311,8 +312,11 @@ class UpstreamPool:
                 continue
             delay = 0.05
             self.shared[proto][index] = conn
+            self.down_since = None
             await conn.closed
             self.shared[proto][index] = None
+            if self.down_since is None and self.pick(proto) is None:
+                self.down_since = self.loop.time()
 
     async def connect(self, proto: int, dedicated: bool) -> UpstreamConnection:
         cfg = self.cfg
@@ -426,9 +430,12 @@ class UpstreamPool:
         return raw[pos:]
 
     async def wait_conn(self, proto: int, timeout: float) -> UpstreamConnection | None:
-        """A shared connection, waiting up to `timeout` for one to come up."""
+        """A shared connection, waiting for one to come up: up to `timeout` after the upstream went
+        down, so commands queued behind each other share one wait instead of waiting in turn."""
         conn = self.pick(proto)
         deadline = self.loop.time() + timeout
+        if self.down_since is not None:
+            deadline = min(deadline, self.down_since + timeout)
         while conn is None and self.loop.time() < deadline and not self._closing:
             await asyncio.sleep(0.01)
             conn = self.pick(proto)
