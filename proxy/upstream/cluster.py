@@ -34,11 +34,12 @@ from ..protocol import errors
 from ..protocol.commands import keys_of
 from ..protocol.resp import encode_command, parse_reply, scan_replies
 from . import placement as cc
+from . import slotmap
 from .single import FutureWaiter, UpstreamConnection, UpstreamPool, UpstreamUnavailable, _ssl_context
 
 log = logging.getLogger("cacheproxy.cluster")
 
-SLOTS = 16384
+SLOTS = slotmap.SLOTS
 REFRESH_INTERVAL = 5.0
 REFRESH_GAP = 0.1
 LOST = errors.UPSTREAM_LOST_PREFIX
@@ -348,9 +349,9 @@ class ClusterPool:
                 reply = parse_reply(await asyncio.wait_for(conn.call_direct("CLUSTER", "SLOTS"), timeout))
                 if isinstance(reply, Exception):
                     raise UpstreamUnavailable(str(reply))
-                shards = _from_slots(reply, host)
+                shards = slotmap.from_slots(reply, host)
             else:
-                shards = _from_shards(reply, host)
+                shards = slotmap.from_shards(reply, host)
             table = None
             if self.table is None:
                 commands = parse_reply(await asyncio.wait_for(conn.call_direct("COMMAND"), timeout))
@@ -566,17 +567,15 @@ class ClusterPool:
                 if attempts > 3:        # nodes disagree for a moment (mid-reshard): don't spin
                     await asyncio.sleep(min(0.1, 0.01 * attempts))
                 if reply.startswith((b"-MOVED ", b"-ASK ")):
-                    try:
-                        _, slot_text, address = reply.split(b"\r\n", 1)[0].split(b" ")
-                        host, _, port = address.decode().rpartition(":")
-                        target = self._node(host or "127.0.0.1", int(port))
-                    except ValueError:
+                    redirect = slotmap.parse_redirect(reply)
+                    if redirect is None:
                         return reply
-                    if reply.startswith(b"-MOVED "):
-                        self._moved(int(slot_text), target)
-                    else:
+                    target = self._node(redirect.host, redirect.port)
+                    if redirect.ask:
                         self.counters.ask += 1
                         asking = True
+                    else:
+                        self._moved(redirect.slot, target)
                 elif reply.startswith(LOST):
                     if not (unsent or readonly):
                         return reply
@@ -648,16 +647,14 @@ class ClusterPool:
                     return replies[-1]
                 self.counters.retries += 1
                 if moved is not None and not moved.startswith(b"-TRYAGAIN"):
-                    try:
-                        _, slot_text, address = moved.split(b"\r\n", 1)[0].split(b" ")
-                        host, _, port = address.decode().rpartition(":")
-                        target = self._node(host or "127.0.0.1", int(port))
-                    except ValueError:
+                    redirect = slotmap.parse_redirect(moved)
+                    if redirect is None:
                         return replies[-1]
-                    if moved.startswith(b"-MOVED "):
-                        self._moved(int(slot_text), target)
-                    else:
+                    target = self._node(redirect.host, redirect.port)
+                    if redirect.ask:
                         asking = True
+                    else:
+                        self._moved(redirect.slot, target)
                 elif lost:
                     await self.wait_refresh(deadline)
                 else:
@@ -720,42 +717,3 @@ class ClusterPool:
             out = index + 1 if index + 1 < len(masters) else 0
         text = b"%d" % out
         return b"*2\r\n$%d\r\n%s\r\n" % (len(text), text) + keys
-
-
-def _from_shards(reply: list, asked_host: str) -> list:
-    shards = []
-    for shard in reply:
-        info = dict(zip(shard[::2], shard[1::2], strict=False))
-        flat = info.get(b"slots") or []
-        ranges = list(zip(flat[::2], flat[1::2], strict=False))
-        master, replicas = None, []
-        for node in info.get(b"nodes") or []:
-            fields = dict(zip(node[::2], node[1::2], strict=False))
-            if fields.get(b"health") != b"online":
-                continue
-            host = _host(fields.get(b"endpoint"), fields.get(b"ip"), asked_host)
-            port = fields.get(b"port") or fields.get(b"tls-port")
-            if port is None:
-                continue
-            if fields.get(b"role") == b"master":
-                master = (host, int(port))
-            else:
-                replicas.append((host, int(port)))
-        shards.append((ranges, master, replicas))
-    return shards
-
-
-def _from_slots(reply: list, asked_host: str) -> list:
-    shards = []
-    for entry in reply:
-        start, end, master, *replicas = entry
-        shards.append(([(start, end)], (_host(master[0], None, asked_host), int(master[1])),
-                       [(_host(r[0], None, asked_host), int(r[1])) for r in replicas]))
-    return shards
-
-
-def _host(endpoint, ip, asked_host: str) -> str:
-    for value in (endpoint, ip):
-        if value and value != b"?":
-            return value.decode()
-    return asked_host

@@ -19,17 +19,15 @@ import asyncio
 import logging
 import random
 import ssl
-from collections import deque
 
 from ..ops.metrics import UpstreamEvents
 from ..protocol import errors
 from ..protocol.commands import CommandTable
 from ..protocol.resp import encode_command, parse_reply, scan_replies
+from .demux import ReplyDemux
 
 log = logging.getLogger("cacheproxy.upstream")
 
-# An incomplete batch whose received part passes this many bytes is delivered reply by reply.
-STREAM_THRESHOLD = 256 * 1024
 
 
 class UpstreamUnavailable(Exception):
@@ -65,13 +63,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.loop = pool.loop
         self.transport: asyncio.Transport | None = None
         self.up = False
-        self.waiters: deque = deque()
+        self.demux = ReplyDemux()
         self.out: list[bytes] = []
         self.flush_scheduled = False
-        self.buf = bytearray()
-        self.start = 0          # where the head waiter's replies begin in buf
-        self.cursor = 0         # where scanning resumes in buf
-        self.left = 0           # replies the head waiter still misses (0: head not started)
         self.relay_to = None    # a session that receives every byte as it arrives (pub/sub...)
         self.progress_at = 0.0  # last time this connection sent a reply or went from idle to busy
         self.timeout_exempt = 0  # blocking commands in flight: the command timeout does not apply
@@ -113,60 +107,9 @@ class UpstreamConnection(asyncio.Protocol):
             self.relay_to.relay_data(data)
             return
         self.progress_at = self.loop.time()
-        if self.buf:
-            self.buf += data
-            buf = self.buf
-        else:
-            buf = data
-        waiters = self.waiters
-        start, cursor, left = self.start, self.cursor, self.left
-        size = len(buf)
-        while waiters:
-            waiter = waiters[0]
-            if not left:
-                left = waiter.count
-            cursor, left = scan_replies(buf, cursor, left)
-            if left:
-                if cursor - start > STREAM_THRESHOLD and waiter.count > 1:
-                    start = self._stream(waiter, buf, start)
-                break
-            waiters.popleft()
-            # Hand out bytes (one copy), never the reusable bytearray itself.
-            waiter.on_reply(data if buf is data and start == 0 and cursor == size
-                            else bytes(memoryview(buf)[start:cursor]))
-            start = cursor
-        self.left = left
-        if start >= size:
-            if buf is not data:
-                self.buf = bytearray()
-            self.start = self.cursor = 0
-        elif not waiters:
-            # Bytes nobody asked for (e.g. an unexpected push): the stream can no longer be trusted.
+        if not self.demux.feed(data):
             log.warning("unexpected data from upstream on a shared connection; closing it")
-            self.buf = bytearray()
-            self.start = self.cursor = 0
             self.close()
-        else:
-            if buf is data:
-                self.buf = bytearray(data[start:])
-            elif start:
-                del self.buf[:start]
-            self.start = 0
-            self.cursor = cursor - start
-
-    def _stream(self, waiter, buf, start: int) -> int:
-        """A big batch is still incomplete: hand its complete replies over now, so a pipeline of
-        large values is not held in memory whole. Returns where the undelivered part starts."""
-        end, done = start, 0
-        while done < waiter.count - 1:
-            pos, left = scan_replies(buf, end, 1)
-            if left:
-                break
-            end, done = pos, done + 1
-        if done and waiter.partial(bytes(memoryview(buf)[start:end]), done):
-            waiter.count -= done
-            return end
-        return start
 
     # -- sending -------------------------------------------------------------------------------
     def send(self, data: bytes, waiter) -> None:
@@ -175,7 +118,7 @@ class UpstreamConnection(asyncio.Protocol):
         An idle connection writes at once: there is nothing to batch with, and waiting a loop turn
         only adds latency. A busy one batches everything queued during this loop turn into one write.
         """
-        waiters = self.waiters
+        waiters = self.demux.waiters
         if not waiters:
             self.progress_at = self.loop.time()
             if not self.out and self.transport is not None:
@@ -213,12 +156,14 @@ class UpstreamConnection(asyncio.Protocol):
 
     send_direct = send      # a cluster node connection's send() follows redirects; this one has none
 
+    @property
+    def waiters(self):
+        return self.demux.waiters
+
     def _fail_all(self, message: str) -> None:
         reply = errors.line("ERR " + message)
-        waiters, self.waiters = self.waiters, deque()
+        waiters = self.demux.reset()
         self.out = []
-        self.buf = bytearray()
-        self.start = self.cursor = self.left = 0
         for waiter in waiters:
             if isinstance(waiter, FutureWaiter):
                 waiter.on_error(message)
