@@ -15,6 +15,7 @@ from .ops.reload import reload as reload_config
 from .protocol.commands import ROUTED_COMMANDS, TABLE, with_routed
 from .session.guard import Guard
 from .session.session import Session
+from .tasks import Background
 from .upstream.cluster import ClusterPool
 from .upstream.single import UpstreamPool
 from .writebehind.flusher import Writer, consumer_name
@@ -46,14 +47,7 @@ class ProxyServer:
         self.auth_required = bool(listen.password or listen.users)
         self._stopping: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
-        self._background: set[asyncio.Task] = set()
-
-    def track(self, task: asyncio.Task) -> asyncio.Task:
-        """Background work of a session (a step, a load, a retry): cancelled at shutdown, and its
-        failure logged (the code that started it answers the client)."""
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return task
+        self.background = Background()     # sessions' steps, loads, retries: cancelled at shutdown
 
     def check_password(self, creds: list[bytes]) -> bool:
         listen = self.cfg.listen
@@ -72,7 +66,7 @@ class ProxyServer:
         if self._stopping is None:
             self._stopping = asyncio.Event()
         pool_class = ClusterPool if self.cfg.upstream.cluster else UpstreamPool
-        self.pool = pool_class(self.cfg.upstream, loop)
+        self.pool = pool_class(self.cfg.upstream, loop, self.background)
         self.guard = Guard(self.pool, self.cfg.write_behind.stream_prefix, self.cfg.upstream.db)
         self._register_gauges()
         self.pool.start()
@@ -205,10 +199,10 @@ class ProxyServer:
                 session.transport.close()
         if self.writer is not None:      # flush what is queued, within what is left of the grace period
             await self.writer.close(max(deadline, loop.time() + 1.0))
-        tasks = self._tasks + list(self._background)
-        for task in tasks:
+        for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.background.close()
         if self.admin is not None:
             await self.admin.close()
         for backend in self.backends.values():

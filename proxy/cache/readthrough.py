@@ -93,14 +93,8 @@ class ReadThrough:
 
     def _multi(self, session, name: bytes, args: list[bytes]) -> None:
         slot = session.new_slot(1)
-        session.host.track(asyncio.get_running_loop().create_task(self._multi_safe(session, slot, name, args)))
-
-    async def _multi_safe(self, session, slot, name: bytes, args: list[bytes]) -> None:
-        try:
-            await self._multi_task(session, slot, name, args)
-        except Exception:
-            log.exception("read-through of %s failed", name.decode())
-            session.fill(slot, errors.INTERNAL)
+        session.host.background.spawn(self._multi_task(session, slot, name, args),
+                                      lambda: session.fill(slot, errors.INTERNAL), f"read-through of {name!r}")
 
     def _write(self, session, name: bytes, args: list[bytes]) -> None:
         voided = []
@@ -210,14 +204,9 @@ class _Read:
 
     def miss(self, stale) -> None:
         self.route.stats.misses += 1
-        self.session.host.track(asyncio.get_running_loop().create_task(self._load(stale)))
-
-    async def _load(self, stale) -> None:
-        try:
-            await self._answer(stale)
-        except Exception:
-            log.exception("read-through of %r failed", self.key)
-            self.session.fill(self.slot, errors.INTERNAL)
+        session = self.session
+        session.host.background.spawn(self._answer(stale), lambda: session.fill(self.slot, errors.INTERNAL),
+                                      f"read-through of {self.key!r}")
 
     async def _answer(self, stale) -> None:
         rt, session = self.rt, self.session

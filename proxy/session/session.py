@@ -443,7 +443,7 @@ class Session(asyncio.Protocol):
         """Like step(), for work started in the middle of dispatching: the frames not yet dispatched
         become the backlog when dispatch stops (see _dispatch)."""
         if self.hold is not None:       # already inside a step: run it as part of that one
-            asyncio.get_running_loop().create_task(self._guarded(step))
+            self.host.background.spawn(step(), self._step_failed, f"client {self.id}")
             return
         if self.backlog is None:
             self.backlog = []
@@ -451,24 +451,20 @@ class Session(asyncio.Protocol):
 
     def _start_step(self, step) -> None:
         self.pause("hold")
-        self.hold = asyncio.get_running_loop().create_task(self._hold(step))
-        self.host.track(self.hold)
+        self.hold = self.host.background.spawn(self._hold(step), self._step_failed, f"client {self.id}")
 
     async def _hold(self, step) -> None:
-        await self._guarded(step)
-        self.hold = None
-        self.resume("hold")     # continues with the frames that waited for this step
-
-    async def _guarded(self, step) -> None:
         try:
             await step()
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # a bug in a step must not leave the client hanging
-            log.exception("client %d: internal error", self.id)
-            self.reply(errors.INTERNAL)
-            self.closing = True
-            self._close_if_done()
+        finally:
+            self.hold = None
+        self.resume("hold")     # continues with the frames that waited for this step
+
+    def _step_failed(self) -> None:
+        """A bug in a step must not leave the client hanging: it gets an error and is closed."""
+        self.reply(errors.INTERNAL)
+        self.closing = True
+        self._close_if_done()
 
     # -- pinning -------------------------------------------------------------------------------------
     def _start_pin(self, frames: list, i: int) -> int:

@@ -14,16 +14,11 @@ moved is sent again where the slot now is (Redis ran nothing).
 
 from __future__ import annotations
 
-import asyncio
-import logging
-
 from ..protocol import errors
 from ..protocol.commands import DENY, FLUSH, LOCAL, RELAY
 from ..protocol.resp import OK, encode_command, scan_replies
 from ..upstream.placement import CROSSSLOT
 from . import local
-
-log = logging.getLogger("cacheproxy.session")
 
 QUEUED = b"+QUEUED\r\n"
 MULTI = encode_command((b"MULTI",))
@@ -178,14 +173,12 @@ class _TxWaiter:
         session, tx = self.session, self.tx
 
         async def again():
-            try:
-                reply = await session.pool.transaction(tx.commands, session.proto, tx.slot, replies, unsent)
-            except Exception:       # never leave the client waiting on a bug
-                log.exception("client %d: transaction retry failed", session.id)
-                reply = errors.INTERNAL
-            # The slot expects MULTI's and every command's reply before EXEC's (_after_exec drops them).
-            self.slot.on_reply(OK + QUEUED * len(tx.commands) + reply)
-        session.host.track(asyncio.get_running_loop().create_task(again()))
+            self.answer(await session.pool.transaction(tx.commands, session.proto, tx.slot, replies, unsent))
+        session.host.background.spawn(again(), lambda: self.answer(errors.INTERNAL), "a transaction retry")
+
+    def answer(self, reply: bytes) -> None:
+        # The slot expects MULTI's and every command's reply before EXEC's (_after_exec drops them).
+        self.slot.on_reply(OK + QUEUED * len(self.tx.commands) + reply)
 
 
 def _split(data, count: int) -> list[bytes]:

@@ -33,6 +33,7 @@ from ..ops.metrics import UpstreamEvents
 from ..protocol import errors
 from ..protocol.commands import keys_of
 from ..protocol.resp import encode_command, parse_reply, scan_replies
+from ..tasks import Background
 from . import placement as cc
 from . import slotmap
 from .single import FutureWaiter, UpstreamConnection, UpstreamPool, UpstreamUnavailable, _ssl_context
@@ -150,7 +151,7 @@ class NodePool(UpstreamPool):
     connection_class = NodeConnection
 
     def __init__(self, cluster: ClusterPool, host: str, port: int):
-        super().__init__(cluster.cfg, cluster.loop)
+        super().__init__(cluster.cfg, cluster.loop, cluster.background)
         self.cluster = cluster
         self.host, self.port = host, port
         self.addr = f"{host}:{port}"
@@ -200,9 +201,10 @@ class NodePool(UpstreamPool):
 class ClusterPool:
     """Same interface as UpstreamPool, over every node of a Redis Cluster."""
 
-    def __init__(self, cfg, loop: asyncio.AbstractEventLoop | None = None):
+    def __init__(self, cfg, loop: asyncio.AbstractEventLoop | None = None, background: Background | None = None):
         self.cfg = cfg
         self.loop = loop or asyncio.get_running_loop()
+        self.background = background or Background()
         self.read_from = cfg.read_from
         self.retry_window = cfg.command_timeout
         self.ssl_context = _ssl_context(cfg) if cfg.use_tls else None
@@ -530,18 +532,17 @@ class ClusterPool:
         if not redo:
             redirecting.waiter.on_reply(data)
             return
-        self.loop.create_task(self._resolve(redirecting, replies, redo))
+        # Never leave a client waiting on a bug: it gets the original replies.
+        self.background.spawn(self._resolve(redirecting, replies, redo),
+                              lambda: redirecting.waiter.on_reply(b"".join(replies)), "cluster: re-routing a batch")
 
     async def _resolve(self, redirecting: Redirecting, replies: list[bytes], redo: list[int]) -> None:
-        try:
-            commands = parse_requests(redirecting.request)[redirecting.done:]
-            results = await asyncio.gather(*(
-                self.run(commands[i], redirecting.proto, first=replies[i], unsent=redirecting.unsent)
-                for i in redo))
-            for i, reply in zip(redo, results, strict=True):
-                replies[i] = reply
-        except Exception:   # never leave a client waiting on a bug: it gets the original replies
-            log.exception("cluster: re-routing a batch failed")
+        commands = parse_requests(redirecting.request)[redirecting.done:]
+        results = await asyncio.gather(*(
+            self.run(commands[i], redirecting.proto, first=replies[i], unsent=redirecting.unsent)
+            for i in redo))
+        for i, reply in zip(redo, results, strict=True):
+            replies[i] = reply
         redirecting.waiter.on_reply(b"".join(replies))
 
     async def run(self, args, proto: int = 2, first: bytes | None = None, unsent: bool = False,

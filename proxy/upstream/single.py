@@ -24,6 +24,7 @@ from ..ops.metrics import UpstreamEvents
 from ..protocol import errors
 from ..protocol.commands import CommandTable
 from ..protocol.resp import encode_command, parse_reply, scan_replies
+from ..tasks import Background
 from .demux import ReplyDemux
 
 log = logging.getLogger("cacheproxy.upstream")
@@ -182,9 +183,10 @@ class UpstreamPool:
     connection_class = UpstreamConnection
     cluster = False
 
-    def __init__(self, cfg, loop: asyncio.AbstractEventLoop | None = None):
+    def __init__(self, cfg, loop: asyncio.AbstractEventLoop | None = None, background: Background | None = None):
         self.cfg = cfg   # the `upstream` config section
         self.loop = loop or asyncio.get_running_loop()
+        self.background = background or Background()
         self.host, self.port = cfg.host, cfg.port   # a cluster node pool sets its own
         self.shared: dict[int, list[UpstreamConnection | None]] = {2: [], 3: []}
         self.free: dict[int, list[UpstreamConnection]] = {2: [], 3: []}

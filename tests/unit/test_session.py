@@ -14,6 +14,7 @@ from proxy.protocol.commands import TABLE
 from proxy.protocol.resp import encode_command
 from proxy.session.guard import Guard
 from proxy.session.session import Session
+from proxy.tasks import Background
 
 
 class Transport:
@@ -102,12 +103,11 @@ class Host:
         self.clock = 0.0
         self.auth_required = bool(self.cfg.listen.password)
         self.guard = Guard(pool, "cacheproxy:wb", 0)
+        self.background = Background()
 
     def check_password(self, creds):
         return creds[-1].decode() == self.cfg.listen.password
 
-    def track(self, task):
-        return task
 
 
 def connect(host: Host) -> tuple[Session, Transport]:
