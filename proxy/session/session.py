@@ -52,6 +52,7 @@ from ..protocol.commands import (
     kind_of,
 )
 from ..protocol.resp import OK, RequestParser, encode_command
+from ..upstream.base import Connection, Node, Pool
 from ..upstream.single import UpstreamUnavailable
 from . import local, transaction
 from .replies import ReplyOrder, Slot
@@ -69,7 +70,7 @@ class Session(asyncio.Protocol):
     def __init__(self, host: Any):
         """`host` is the ProxyServer: cfg, pool, table, readthrough, sessions, stats, clock, auth."""
         self.host = host
-        self.pool = host.pool
+        self.pool: Pool = host.pool
         limits = host.cfg.limits
         self.parser = RequestParser(limits.max_bulk_len, limits.max_multibulk_len, limits.max_inline_len)
         self.table = host.table
@@ -80,9 +81,9 @@ class Session(asyncio.Protocol):
         self.name: bytes | None = None
         self.order = ReplyOrder()
         self.proto = 2
-        self.conns: dict[Any, Any] = {}   # node -> this client's shared connection to it
-        self.pin = None           # a dedicated upstream connection while state is held
-        self.relay = None         # the dedicated connection once this session is a byte relay
+        self.conns: dict[Node, Connection] = {}   # node -> this client's shared connection to it
+        self.pin: Connection | None = None     # a dedicated upstream connection while state is held
+        self.relay: Connection | None = None   # the dedicated connection once this session is a byte relay
         self.authed = not host.auth_required
         self.user = b"default"
         self.watching = False
