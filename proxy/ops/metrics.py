@@ -18,8 +18,12 @@ LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 class RouteStats:
     """Counters for one route, bumped by the read-through and write paths."""
 
+    # rejected_keys: misses whose key no row can have (int4 overflow, NUL in text): answered as not
+    # found, never counted as backend errors. load_busy: loads refused because every backend
+    # connection was in use (part of load_errors, not of cacheproxy_backend_errors).
     __slots__ = ("hits", "misses", "negative_hits", "loads", "load_errors", "singleflight_joins",
-                 "refresh_ahead", "stale_served", "not_found", "writes", "write_errors", "queue_full")
+                 "refresh_ahead", "stale_served", "not_found", "writes", "write_errors", "queue_full",
+                 "rejected_keys", "load_busy")
 
     def __init__(self):
         for name in self.__slots__:

@@ -208,6 +208,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.send(encode_command(args), FutureWaiter(future))
         return await future
 
+    async def call_direct(self, *args) -> bytes:
+        """call() on this very connection: the same here (a cluster node's call() routes by key)."""
+        return await UpstreamConnection.call(self, *args)
+
     def _fail_all(self, message: str) -> None:
         reply = error("ERR " + message)
         waiters, self.waiters = self.waiters, deque()
