@@ -3,6 +3,7 @@
 `GET item:2147483648` on an int4 key and `GET named:a\\0b` on a text key used to answer "backend
 main unavailable" and count as backend errors. Such a key cannot exist in the database: the client
 gets nil (0 for EXISTS), exactly what Redis says for a key that does not exist, without a query.
+The same for DynamoDB keys their attribute types cannot hold.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import pytest
 import redis
 
 from tests.fixtures.redis_server import free_port
+from tests.integration.test_readthrough_dynamodb import ddb, tables
 from tests.integration.test_writebehind_postgres import metric_sum
+
+__all__ = ["tables"]     # the fixture, shared with the DynamoDB read tests
 
 DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -107,3 +111,23 @@ def test_a_read_that_cannot_work_is_not_called_unavailable(schema, make_proxy, r
                               "argument $1"), message
     assert metric_sum(p, 'cacheproxy_backend_errors_total{backend="main"}') == 1
     assert "route mistyped:{id}: DataError" in p.stderr_text(), "the route's mistake is logged"
+
+
+def test_dynamodb_keys_their_types_cannot_hold_are_not_found(make_proxy, redis_server, moto_endpoint, tables):
+    ddb(moto_endpoint, "put_item", TableName=tables["events"], Item={
+        "UserId": {"S": "u1"}, "Seq": {"N": "7"}, "Kind": {"S": "login"}})
+    admin = free_port()
+    p = make_proxy(redis_server, backends={"ddb": {"type": "dynamodb", "endpoint_url": moto_endpoint}},
+                   admin={"enabled": True, "port": admin}, routes=[
+                       {"key": "event:{user_id}:{seq}", "backend": "ddb",
+                        "read": {"table": tables["events"], "key": {"UserId": "{user_id}", "Seq": "{seq}"},
+                                 "as": "string", "column": "Kind"}}])
+    p.admin_port = admin
+    c = p.client(protocol=2)
+    assert c.get("event:u1:7") == b"login"
+    assert c.get("event:u1:seven") is None                   # Seq is a number attribute
+    assert c.get("event:u1:1e999") is None                   # beyond DynamoDB's number range
+    assert c.get("event:" + "u" * 2049 + ":7") is None       # over the 2,048-byte partition key limit
+    route = 'route="event:{user_id}:{seq}"'
+    assert metric_sum(p, f"cacheproxy_route_rejected_keys_total{{{route}}}") == 3
+    assert metric_sum(p, f"cacheproxy_route_load_errors_total{{{route}}}") == 0
