@@ -125,11 +125,12 @@ async def storm(port: int, index: int, keys: int, out: dict) -> None:
     await client.aclose()
 
 
-async def run_target(label: str, code_dir: Path, schema: str, args, workdir: Path) -> list:
+async def run_target(label: str, name: str, code_dir: Path, schema: str, args, workdir: Path) -> list:
+    """One storm against the proxy in `code_dir`; `name` (before/after) names its files."""
     with Procs(workdir) as procs:
         redis_port, proxy_port = free_port(), free_port()
-        start_redis(procs, redis_port, name=f"redis-{label}")
-        config = workdir / f"proxy-{label}.yaml"
+        start_redis(procs, redis_port, name=f"redis-{name}")
+        config = workdir / f"proxy-{name}.yaml"
         config.write_text(json.dumps({
             "listen": {"host": "127.0.0.1", "port": proxy_port},
             "upstream": {"url": f"redis://127.0.0.1:{redis_port}/0"},
@@ -137,7 +138,7 @@ async def run_target(label: str, code_dir: Path, schema: str, args, workdir: Pat
             "backends": {"main": {"type": "postgres", "dsn": DSN}},
             "routes": [{"key": "user:{id:int}", "backend": "main",
                         "read": {"query": f"SELECT id, name FROM {schema}.users WHERE id = $1", "as": "json"}}]}))
-        proxy, log = procs.start(f"proxy-{label}", [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
+        proxy, log = procs.start(f"proxy-{name}", [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
                                  cwd=code_dir)
         wait_for_port("127.0.0.1", proxy_port, 30, proxy, log)
         await asyncio.sleep(1.0)
@@ -191,10 +192,10 @@ async def main_async(args, workdir: Path) -> str:
     try:
         if args.compare:
             print(f"storm against {args.compare} ...", file=sys.stderr)
-            rows.append(await run_target(f"before ({args.compare})", export(args.compare, workdir), schema, args,
-                                         workdir))
+            rows.append(await run_target(f"before ({args.compare})", "before", export(args.compare, workdir),
+                                         schema, args, workdir))
         print("storm against the working tree ...", file=sys.stderr)
-        rows.append(await run_target(f"after ({git_describe()})", REPO_ROOT, schema, args, workdir))
+        rows.append(await run_target(f"after ({git_describe()})", "after", REPO_ROOT, schema, args, workdir))
     finally:
         conn = await asyncpg.connect(DSN)
         await conn.execute(f"DROP SCHEMA {schema} CASCADE")

@@ -90,15 +90,16 @@ class DynamoBackend:
             self._types[table] = types
         return types
 
-    def _key_value(self, table: str, attribute: str, value, types: dict) -> dict:
+    def _key_value(self, table: str | None, attribute: str, value, types: dict) -> dict:
         """A key's value as the typed attribute value a request carries; BackendKeyRejected when the
-        attribute's type (or DynamoDB's size limit) cannot hold it."""
+        attribute's type (or, for the table's own key (`table` given), DynamoDB's size limit) cannot
+        hold it."""
         kind = types.get(attribute, "S")
         try:
             typed = _typed(value, kind)
         except (ValueError, binascii.Error) as exc:
             raise BackendKeyRejected(self.name, f"key attribute {attribute} ({kind}): {exc}") from None
-        limit = _KEY_BYTES.get(self._roles.get(table, {}).get(attribute, ""))
+        limit = _KEY_BYTES.get(self._roles.get(table, {}).get(attribute, "")) if table else None
         size = len(typed["B"]) if kind == "B" else len(str(value).encode())
         if size == 0 and kind != "N":
             raise BackendKeyRejected(self.name, f"key attribute {attribute} is empty, which DynamoDB keys cannot be")
@@ -129,7 +130,8 @@ class DynamoBackend:
             reply = await self._call("get_item", TableName=spec.table, Key=key, ConsistentRead=spec.consistent_read)
             return [from_dynamo(reply["Item"])] if "Item" in reply else []
         placeholders = _placeholder_attributes(spec.key_condition or "")
-        values = {name: self._key_value(spec.table, placeholders.get(name, name), value, types)
+        # Query: an index's key may have other limits than the table's, so only the types are checked.
+        values = {name: self._key_value(None, placeholders.get(name, name), value, types)
                   for name, value in (spec.values or {}).items()}
         request = {"TableName": spec.table, "KeyConditionExpression": spec.key_condition,
                    "ExpressionAttributeValues": values}

@@ -165,9 +165,11 @@ class ReadThrough:
                 if hit is not None and (name == b"EXISTS" or hit[0].family == "value"):
                     missing[key] = hit
         if missing:
+            async def load(item):
+                key, (route, params) = item
+                return await self._load(route, key, params, session)
             try:
-                loaded = await map_bounded(lambda item: self._load(item[1][0], item[0], item[1][1], session),
-                                           list(missing.items()), self.max_loads)
+                loaded = await map_bounded(load, list(missing.items()), self.max_loads)
             except BackendError as exc:
                 session.fill(slot, backend_error(exc))
                 return
