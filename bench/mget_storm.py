@@ -62,14 +62,19 @@ async def watch_commands(port: int, stop: asyncio.Event, out: dict) -> None:
     """Another client: PING, then GET of a plain key, every 10 ms; latency of each (ms)."""
     client = redis.asyncio.Redis(port=port, protocol=2, socket_timeout=60)
     await client.set("plain:key", "x")
-    samples = []
+    samples, errors = [], []
     while not stop.is_set():
         started = time.perf_counter()
-        await client.ping()
-        await client.get("plain:key")
-        samples.append((time.perf_counter() - started) * 1000)
+        try:
+            await client.ping()
+            await client.get("plain:key")
+            samples.append((time.perf_counter() - started) * 1000)
+            if samples[-1] > 100:
+                out.setdefault("stalls", []).append((round(time.perf_counter() - out["t0"], 1), round(samples[-1])))
+        except redis.RedisError as exc:
+            errors.append(str(exc))
         await asyncio.sleep(0.01)
-    out["commands"] = samples
+    out["commands"], out["command_errors"] = samples, errors
     await client.aclose()
 
 
@@ -143,7 +148,7 @@ async def run_target(label: str, name: str, code_dir: Path, schema: str, args, w
         wait_for_port("127.0.0.1", proxy_port, 30, proxy, log)
         await asyncio.sleep(1.0)
         rss_before = rss_kb(proxy.pid)
-        out: dict = {}
+        out: dict = {"t0": time.perf_counter() + 0.5}      # the storm starts 0.5 s after the watchers
         stop = asyncio.Event()
         watchers = [asyncio.create_task(w) for w in (
             watch_commands(proxy_port, stop, out), watch_misses(proxy_port, stop, out),
@@ -163,10 +168,14 @@ async def run_target(label: str, name: str, code_dir: Path, schema: str, args, w
         procs.stop(proxy)
     commands, misses = out.get("commands", []), out.get("misses", [])
     errors = out.get("miss_errors", [])
+    command_errors = out.get("command_errors", [])
     mget_errors = out.get("mget_errors", [])
+    worst = sorted(out.get("stalls", []), key=lambda st: -st[1])[:5]
+    print(f"{label}: worst PING+GET stalls (s into the storm, ms): {worst}", file=sys.stderr)
     return [label, finished, f"{out.get('mget_ok', 0)}/{args.mgets}" + (f" ({mget_errors[0]})" if mget_errors else ""),
             out.get("pg_peak", 0),
-            f"{ms(pct(commands, 0.5))} / {ms(pct(commands, 0.99))} / {ms(max(commands, default=None))}",
+            f"{ms(pct(commands, 0.5))} / {ms(pct(commands, 0.99))} / {ms(max(commands, default=None))}"
+            + (f"; {len(command_errors)} errors ({command_errors[0][:40]})" if command_errors else ""),
             f"{ms(pct(misses, 0.5))} / {ms(max(misses, default=None))}",
             f"{len(errors)}" + (f" ({errors[0][:50]})" if errors else ""),
             f"{rss_before / 1024:.0f} / {peak / 1024:.0f} / {rss_after / 1024:.0f}"]

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 
-from ..backends.base import BackendError, WriteOp
+from ..backends.base import BackendBusy, BackendError, WriteOp
 from ..cache.encoding import from_hash
 from ..cache.keys import companion
 from ..cache.loader import Loader, Outcome, ttl_ms
@@ -186,6 +186,8 @@ class Writes:
             return error(f"ERR upstream unavailable: {exc}")
         except BackendError as exc:
             stats.write_errors += 1
+            if isinstance(exc, BackendBusy):      # every pooled connection in use: our saturation
+                return errors.backend_busy(exc.backend, str(exc))
             verb = "refused the write" if not exc.transient else "unavailable"
             return error(f"ERR backend {exc.backend} {verb}: {exc}")
         stats.writes += 1

@@ -156,3 +156,26 @@ def test_a_saturated_pool_answers_busy_not_unavailable(loads, make_proxy, redis_
     assert metric_sum(p, 'cacheproxy_route_load_busy_total{route="user:{id:int}"}') == 1
     assert metric_sum(p, 'cacheproxy_backend_errors_total{backend="main"}') == 0, "the database did not fail"
     assert json.loads(p.client(protocol=2).get("user:2"))["id"] == 2, "served once a turn comes"
+
+
+def test_a_write_through_finding_every_connection_taken_says_busy(loads, make_proxy, redis_server):
+    """Writes do not queue for a turn like loads; when the pool itself has no free connection
+    within connect_timeout, the client is told the pool is busy, not that Postgres is unavailable."""
+    admin = free_port()
+    s = loads.schema
+    p = make_proxy(redis_server, backends={"main": {"type": "postgres", "dsn": DSN, "max_pool": 1,
+                                                    "connect_timeout": 0.3}},
+                   routes=[{"key": "user:{id:int}", "backend": "main",
+                            "read": {"query": f"SELECT id, name FROM {s}.get_user($1, 1.5)", "as": "json"},
+                            "write": {"mode": "write-through", "table": f"{s}.users", "key_columns": ["id"],
+                                      "fields": ["name"]}}],
+                   admin={"enabled": True, "port": admin})
+    p.admin_port = admin
+    first = threading.Thread(target=lambda: p.client(protocol=2).get("user:1"))
+    first.start()
+    wait_until(lambda: loads.running() >= 1, timeout=10, what="the load to hold the only connection")
+    with pytest.raises(redis.ResponseError) as busy:
+        p.client(protocol=2).set("user:3", json.dumps({"name": "three"}))
+    first.join(10)
+    assert str(busy.value) == "backend main busy: all 1 connections in use; none came free within 0.3s"
+    assert p.client(protocol=2).set("user:3", json.dumps({"name": "three"})) is True
