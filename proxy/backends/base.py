@@ -86,6 +86,7 @@ class WriteOp:
 
 class Backend(Protocol):
     name: str
+    cfg: object      # its config section; max_pool and queue_timeout size the loader's admission queue
 
     async def start(self) -> None: ...
 
