@@ -9,8 +9,19 @@ import signal
 from .cache.loader import Loader
 from .cache.readthrough import ReadThrough
 from .cache.routes import build_router, start_backends
+from .config import StartupError
 from .ops.admin import AdminServer
-from .ops.metrics import CLIENT_CONNECTIONS, UPSTREAM_CONNECTIONS, UPSTREAM_EVENTS, UPSTREAM_UP, Metrics
+from .ops.durability import DurabilityMonitor
+from .ops.metrics import (
+    CLIENT_CONNECTIONS,
+    READINESS_CHECKS,
+    READINESS_REQUESTS,
+    UPSTREAM_CONNECTIONS,
+    UPSTREAM_EVENTS,
+    UPSTREAM_UP,
+    Metrics,
+)
+from .ops.readiness import CachedReadiness
 from .ops.reload import reload as reload_config
 from .protocol.commands import ROUTED_COMMANDS, TABLE, with_routed
 from .session.guard import Guard
@@ -41,6 +52,10 @@ class ProxyServer:
         self.readthrough = None
         self.writer = None          # the write-behind flusher, when a route writes behind
         self.admin = None
+        self.durability: DurabilityMonitor | None = None   # the upstream's fitness for the write-behind queue
+        self.ready_probe = CachedReadiness(self.readiness, cfg.admin.readiness_cache_seconds)
+        self.metrics.read(READINESS_REQUESTS, lambda: self.ready_probe.requests)
+        self.metrics.read(READINESS_CHECKS, lambda: self.ready_probe.checks)
         self.listener: asyncio.base_events.Server | None = None
         self.clock = 0.0
         listen = cfg.listen
@@ -75,10 +90,12 @@ class ProxyServer:
         if not await self.pool.wait_ready(self.cfg.upstream.connect_timeout):
             log.warning("upstream not reachable yet (%s); serving anyway, reconnecting in the background",
                         self.pool.last_error)
+        await self._check_durability()
         if self.cfg.routes:
             await self._start_routes()
+        self.durability.start()
         if self.cfg.admin.enabled:
-            self.admin = AdminServer(self.cfg.admin, self.metrics, self.readiness)
+            self.admin = AdminServer(self.cfg.admin, self.metrics, self.ready_probe, self.durability.warnings)
             await self.admin.start()
         listen = self.cfg.listen
         self.listener = await loop.create_server(
@@ -86,6 +103,18 @@ class ProxyServer:
             reuse_port=listen.reuse_port or None, backlog=1024)
         self._tasks.append(loop.create_task(self._tick()))
         log.info("listening on %s:%d, upstream %s", listen.host, listen.port, self.cfg.upstream.redacted_url)
+
+    async def _check_durability(self) -> None:
+        """Before any write is taken: can the upstream keep the write-behind queue? An unsafe setting
+        under `refuse` stops startup (an unreachable upstream does not: the watch checks later)."""
+        self.durability = DurabilityMonitor(self.pool, self.cfg.upstream.durability)
+        self.durability.register(self.metrics)
+        self.durability.active = writes_behind(self.cfg.routes)
+        if self.durability.active:
+            await self.durability.check()
+            if self.durability.refusal:
+                raise StartupError(f"{self.durability.refusal}; to start anyway, set that upstream.durability "
+                                   f"setting to warn")
 
     async def _start_routes(self) -> None:
         """Backends, routes and the read-through path; routed command names get the ROUTED kind."""
@@ -95,16 +124,19 @@ class ProxyServer:
     def install_routes(self, router, cfg) -> None:
         """Serve `router` from now on (at startup, and on a reload): the read path, the write path and
         the write-behind flusher follow it; sessions keep their connections."""
-        writes_behind = any(r.write is not None and r.write.mode == "write-behind" for r in router.routes)
+        behind = writes_behind(router.routes)
+        if self.durability is not None:
+            self.durability.set_active(behind)
         if self.writer is not None:
             self.writer.reconfigure(cfg, router)
-        elif writes_behind:
+        elif behind:
             self.writer = Writer(self.pool, router, cfg, self.metrics, consumer_name(cfg))
             self.writer.start()
         if self.readthrough is None:
             loader = Loader(self.pool, self.metrics)
             writes = Writes(router, self.pool, loader, cfg.write_behind, self.writer)
-            self.readthrough = ReadThrough(router, self.pool, loader, writes)
+            writes.queue_guard = self.durability
+            self.readthrough = ReadThrough(router, self.pool, loader, writes, cfg.limits.max_loads_per_command)
         else:
             self.readthrough.router, self.readthrough.prefixes = router, router.prefixes
             self.readthrough.writes.reconfigure(router, cfg.write_behind, self.writer)
@@ -114,10 +146,12 @@ class ProxyServer:
             session.table = table
 
     async def readiness(self) -> dict[str, str | None]:
-        """What /readyz reports: None for a healthy component, else the reason."""
+        """What /readyz reports: None for a healthy component, else the reason. Called through
+        self.ready_probe (ops/readiness.py): one check at a time, reused for a short while."""
         problems: dict[str, str | None] = {
             "upstream": None if self.pool is not None and self.pool.healthy else
-            f"upstream unavailable: {self.pool.last_error if self.pool else 'not started'}"}
+            f"upstream unavailable: {self.pool.last_error if self.pool else 'not started'}",
+            "durability": self.durability.refusal if self.durability is not None else None}
 
         async def check(name, backend) -> None:
             try:
@@ -205,8 +239,15 @@ class ProxyServer:
         await self.background.close()
         if self.admin is not None:
             await self.admin.close()
+        if self.durability is not None:
+            await self.durability.close()
         for backend in self.backends.values():
             await backend.close()
         if self.pool is not None:
             await self.pool.close()
         log.info("stopped")
+
+
+def writes_behind(routes) -> bool:
+    """Does any route (config or runtime) write behind, so the upstream holds a queue?"""
+    return any(r.write is not None and r.write.mode == "write-behind" for r in routes)

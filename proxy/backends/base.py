@@ -1,8 +1,15 @@
 """The backend protocol: what the loader and the writer need from a database.
 
-A backend knows nothing of RESP or of the cache. Errors split into transient ones (retry later:
-connection lost, timeout, throttling) and permanent ones (the request itself is wrong); neither ever
-carries a secret such as a DSN password.
+A backend knows nothing of RESP or of the cache. Errors come in kinds, and none ever carries a
+secret such as a DSN password:
+    BackendUnavailable    transient: connection lost, timeout, throttling; the same request may work later
+      BackendBusy         transient: every connection of the proxy's pool is in use (our saturation,
+                          not the database's failure)
+    BackendPermanentError the request itself is wrong (bad SQL, missing table, constraint violation)
+    BackendKeyRejected    the key's parameters cannot be expressed in the backend's types (an int4
+                          overflow, a NUL in text): no row can have this key, so it is not found. The
+                          client's input, not a failure of the backend; the backend checks it before
+                          sending anything.
 """
 
 from __future__ import annotations
@@ -23,8 +30,17 @@ class BackendUnavailable(BackendError):
     """Unreachable, timed out or throttled: the same request may succeed later."""
 
 
+class BackendBusy(BackendUnavailable):
+    """Every connection the proxy may hold to the backend is in use and none came free in time."""
+
+
 class BackendPermanentError(BackendError):
     """The request is wrong (bad SQL, missing table, constraint violation): retrying cannot help."""
+    transient = False
+
+
+class BackendKeyRejected(BackendError):
+    """A key parameter lies outside what the backend's type can hold: no row can match it."""
     transient = False
 
 
@@ -70,18 +86,21 @@ class WriteOp:
 
 class Backend(Protocol):
     name: str
+    cfg: object      # its config section; max_pool and queue_timeout size the loader's admission queue
 
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
 
-    async def ping(self) -> None: ...
+    async def ping(self) -> None:
+        """Readiness: is the backend reachable? Must not take a connection the data path needs."""
 
     async def check_read(self, spec: ReadSpec) -> None:
         """Startup validation of a route's read; raises BackendPermanentError when it cannot work."""
 
     async def fetch(self, spec: ReadSpec, params: list) -> list[dict]:
-        """The rows/items for one key; an empty list means not found."""
+        """The rows/items for one key; an empty list means not found. BackendKeyRejected when a
+        parameter cannot be expressed in the backend's type (checked before anything is sent)."""
 
     async def check_write(self, spec: WriteSpec) -> None:
         """Startup validation of a route's write statements; BackendPermanentError when they cannot work."""

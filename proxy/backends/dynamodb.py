@@ -2,25 +2,40 @@
 
 Credentials come from the standard AWS chain (environment, shared files, instance/task role).
 Key and expression values arrive as text from the cache key; their DynamoDB types (S, N, B) come
-from the table's attribute definitions, read once per table.
+from the table's attribute definitions, read once per table. A key value that its type cannot hold
+(N that is not a DynamoDB number, B that is not base64, an empty or oversized key) is
+BackendKeyRejected before any call: no item can have that key.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import random
 import re
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from .base import BackendError, BackendPermanentError, BackendUnavailable, ReadSpec, WriteOp, WriteSpec
+from .base import (
+    BackendError,
+    BackendKeyRejected,
+    BackendPermanentError,
+    BackendUnavailable,
+    ReadSpec,
+    WriteOp,
+    WriteSpec,
+)
 
 _TRANSIENT_CODES = {"ProvisionedThroughputExceededException", "ThrottlingException", "RequestLimitExceeded",
                     "InternalServerError", "ServiceUnavailable", "LimitExceededException"}
+# DynamoDB's limits on a key attribute's value, in bytes (partition key, sort key) and on numbers.
+_KEY_BYTES = {"HASH": 2048, "RANGE": 1024}
+_NUMBER_DIGITS = 38
+_NUMBER_EXPONENTS = (-130, 125)
 
 
 class DynamoBackend:
@@ -30,6 +45,7 @@ class DynamoBackend:
         self.client = None
         self._context = None
         self._types: dict[str, dict[str, str]] = {}   # table -> attribute -> S|N|B
+        self._roles: dict[str, dict[str, str]] = {}   # table -> key attribute -> HASH|RANGE
 
     async def start(self) -> None:
         if self.client is not None:
@@ -70,8 +86,27 @@ class DynamoBackend:
             described = await self._call("describe_table", TableName=table)
             types = {d["AttributeName"]: d["AttributeType"]
                      for d in described["Table"].get("AttributeDefinitions", [])}
+            self._roles[table] = {k["AttributeName"]: k["KeyType"] for k in described["Table"].get("KeySchema", [])}
             self._types[table] = types
         return types
+
+    def _key_value(self, table: str | None, attribute: str, value, types: dict) -> dict:
+        """A key's value as the typed attribute value a request carries; BackendKeyRejected when the
+        attribute's type (or, for the table's own key (`table` given), DynamoDB's size limit) cannot
+        hold it."""
+        kind = types.get(attribute, "S")
+        try:
+            typed = _typed(value, kind)
+        except (ValueError, binascii.Error) as exc:
+            raise BackendKeyRejected(self.name, f"key attribute {attribute} ({kind}): {exc}") from None
+        limit = _KEY_BYTES.get(self._roles.get(table, {}).get(attribute, "")) if table else None
+        size = len(typed["B"]) if kind == "B" else len(str(value).encode())
+        if size == 0 and kind != "N":
+            raise BackendKeyRejected(self.name, f"key attribute {attribute} is empty, which DynamoDB keys cannot be")
+        if limit is not None and size > limit:
+            raise BackendKeyRejected(self.name, f"key attribute {attribute} is {size} bytes, over DynamoDB's "
+                                                f"{limit}-byte limit")
+        return typed
 
     async def check_read(self, spec: ReadSpec) -> None:
         try:
@@ -91,11 +126,12 @@ class DynamoBackend:
     async def fetch(self, spec: ReadSpec, params: list) -> list[dict]:
         types = await self._attribute_types(spec.table)
         if spec.key:
-            key = {attr: _typed(value, types.get(attr, "S")) for attr, value in spec.key.items()}
+            key = {attr: self._key_value(spec.table, attr, value, types) for attr, value in spec.key.items()}
             reply = await self._call("get_item", TableName=spec.table, Key=key, ConsistentRead=spec.consistent_read)
             return [from_dynamo(reply["Item"])] if "Item" in reply else []
         placeholders = _placeholder_attributes(spec.key_condition or "")
-        values = {name: _typed(value, types.get(placeholders.get(name, ""), "S"))
+        # Query: an index's key may have other limits than the table's, so only the types are checked.
+        values = {name: self._key_value(None, placeholders.get(name, name), value, types)
                   for name, value in (spec.values or {}).items()}
         request = {"TableName": spec.table, "KeyConditionExpression": spec.key_condition,
                    "ExpressionAttributeValues": values}
@@ -206,11 +242,28 @@ def _placeholder_attributes(condition: str) -> dict[str, str]:
 
 
 def _typed(value, kind: str) -> dict:
+    """ValueError (or binascii.Error) when `value` is not a valid `kind` value."""
     if kind == "N":
-        return {"N": str(value)}
+        return {"N": _number(str(value))}
     if kind == "B":
-        return {"B": value if isinstance(value, bytes) else base64.b64decode(str(value))}
+        return {"B": value if isinstance(value, bytes) else base64.b64decode(str(value), validate=True)}
     return {"S": str(value)}
+
+
+def _number(text: str) -> str:
+    """`text` if DynamoDB can store it as a number (38 significant digits, 1E-130 to 9.9..E+125)."""
+    try:
+        number = Decimal(text)
+    except InvalidOperation:
+        raise ValueError(f"{text[:40]!r} is not a number") from None
+    if not number.is_finite():
+        raise ValueError(f"{text[:40]!r} is not a finite number")
+    if number:
+        digits = len(number.normalize().as_tuple().digits)
+        magnitude = number.adjusted()
+        if digits > _NUMBER_DIGITS or not _NUMBER_EXPONENTS[0] <= magnitude <= _NUMBER_EXPONENTS[1]:
+            raise ValueError(f"{text[:40]!r} is beyond DynamoDB's number precision or range")
+    return text
 
 
 def to_dynamo(value) -> dict:

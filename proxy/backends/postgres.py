@@ -1,4 +1,13 @@
-"""PostgreSQL through an asyncpg pool. Key parameters are always bind parameters ($1..$n)."""
+"""PostgreSQL through an asyncpg pool. Key parameters are always bind parameters ($1..$n).
+
+Rules of this module:
+- The pool is the data path's. Readiness pings run on one connection of their own (application_name
+  cacheproxy-readiness), so a flood of /readyz can never take a connection a cache miss needs.
+- A pool that has no free connection within connect_timeout while all max_pool are in use is
+  BackendBusy ("all N connections in use"), not "unavailable: timed out".
+- A read whose key parameter cannot be expressed in its $n's type (an int above int4, a NUL in text)
+  is BackendKeyRejected, decided before anything is sent: no row can have that key.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +19,25 @@ from decimal import Decimal
 
 import asyncpg
 
-from .base import BackendError, BackendPermanentError, BackendUnavailable, ReadSpec, WriteOp, WriteSpec
+from .base import (
+    BackendBusy,
+    BackendError,
+    BackendKeyRejected,
+    BackendPermanentError,
+    BackendUnavailable,
+    ReadSpec,
+    WriteOp,
+    WriteSpec,
+)
 
 # SQLSTATE classes that mean "try again later": connection exceptions (08), insufficient
 # resources (53), operator intervention (57: admin shutdown, cannot connect now, statement timeout).
 _TRANSIENT = (asyncpg.exceptions.PostgresConnectionError, asyncpg.exceptions.InsufficientResourcesError,
               asyncpg.exceptions.OperatorInterventionError)
+
+# The integer range of each integer parameter type: a key's int outside it matches no row.
+_INT_RANGES = {"int2": (-2**15, 2**15 - 1), "int4": (-2**31, 2**31 - 1), "int8": (-2**63, 2**63 - 1),
+               "oid": (0, 2**32 - 1)}
 
 
 class PostgresBackend:
@@ -25,6 +47,9 @@ class PostgresBackend:
         self.pool: asyncpg.Pool | None = None
         self._starting: asyncio.Lock = asyncio.Lock()
         self._param_types: dict[str, list[str]] = {}   # SQL -> its parameters' type names
+        self.in_use = 0                                  # pool connections held right now
+        self._probe: asyncpg.Connection | None = None    # readiness pings' own connection
+        self._probe_lock = asyncio.Lock()
 
     async def start(self) -> None:
         async with self._starting:
@@ -42,22 +67,40 @@ class PostgresBackend:
                 raise self._error(exc) from None
 
     async def close(self) -> None:
+        self._drop_probe()
         if self.pool is not None:
             pool, self.pool = self.pool, None
             await pool.close()
 
     async def _run(self, call):
-        """Run `call(connection)`; errors become BackendUnavailable / BackendPermanentError."""
+        """Run `call(connection)`; errors become BackendUnavailable / BackendBusy / BackendPermanentError."""
         if self.pool is None:
             await self.start()
+        pool = self.pool
         try:
-            async with self.pool.acquire(timeout=self.cfg.connect_timeout) as conn:
-                return await call(conn)
+            conn = await pool.acquire(timeout=self.cfg.connect_timeout)
+        except TimeoutError:
+            raise self._acquire_timed_out() from None
         except Exception as exc:
             raise self._error(exc) from None
+        self.in_use += 1
+        try:
+            return await call(conn)
+        except Exception as exc:
+            raise self._error(exc) from None
+        finally:
+            self.in_use -= 1
+            await pool.release(conn)
+
+    def _acquire_timed_out(self) -> BackendError:
+        """No connection within connect_timeout: busy when every connection is taken, else unreachable."""
+        if self.in_use >= self.cfg.max_pool:
+            return BackendBusy(self.name, f"all {self.cfg.max_pool} connections in use; none came free "
+                                          f"within {self.cfg.connect_timeout:g}s")
+        return BackendUnavailable(self.name, "timed out connecting")
 
     def _error(self, exc: Exception):
-        if isinstance(exc, (BackendUnavailable, BackendPermanentError)):
+        if isinstance(exc, BackendError):
             return exc
         if isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, _TRANSIENT):
             return BackendPermanentError(self.name, f"{type(exc).__name__}: {exc}")
@@ -67,14 +110,27 @@ class PostgresBackend:
         return BackendUnavailable(self.name, reason)
 
     async def fetch(self, spec: ReadSpec, params: list) -> list[dict]:
-        rows = await self._run(lambda conn: conn.fetch(spec.query, *params))
+        types = self._param_types.get(spec.query)
+        if types is not None:       # known: a key no row can have never takes a connection
+            self._check_key(spec, params, types)
+
+        async def read(conn):
+            if types is None:
+                self._check_key(spec, params, await self._types(conn, spec.query))
+            return await conn.fetch(spec.query, *params)
+        rows = await self._run(read)
         return [dict(row) for row in rows]
 
+    def _check_key(self, spec: ReadSpec, params: list, types: list[str]) -> None:
+        names = spec.params or []
+        for index, (value, type_name) in enumerate(zip(params, types, strict=False)):
+            problem = unrepresentable(value, type_name)
+            if problem is not None:
+                name = names[index] if index < len(names) else f"${index + 1}"
+                raise BackendKeyRejected(self.name, f"key parameter {name} {problem}")
+
     async def check_read(self, spec: ReadSpec) -> None:
-        async def prepare(conn):
-            statement = await conn.prepare(spec.query)
-            return len(statement.get_parameters())
-        expected = await self._run(prepare)
+        expected = len(await self._run(lambda conn: self._types(conn, spec.query)))
         given = spec.params or []
         if expected != len(given):
             placeholders = f"$1..${expected}" if expected else "no parameters"
@@ -84,7 +140,24 @@ class PostgresBackend:
                 f"(read.params)")
 
     async def ping(self) -> None:
-        await self._run(lambda conn: conn.fetchval("SELECT 1"))
+        """SELECT 1 on the readiness connection (opened on first use, replaced after any failure)."""
+        async with self._probe_lock:
+            try:
+                if self._probe is None or self._probe.is_closed():
+                    self._probe = await asyncpg.connect(
+                        self.cfg.dsn, timeout=self.cfg.connect_timeout,
+                        server_settings={"application_name": "cacheproxy-readiness"})
+                await self._probe.fetchval("SELECT 1")
+            except BaseException as exc:     # a cancelled ping leaves the connection mid-query: drop it
+                self._drop_probe()
+                if isinstance(exc, Exception):
+                    raise self._error(exc) from None
+                raise
+
+    def _drop_probe(self) -> None:
+        probe, self._probe = self._probe, None
+        if probe is not None and not probe.is_closed():
+            probe.terminate()
 
     # -- writes ------------------------------------------------------------------------------------
     async def _types(self, conn, sql: str) -> list[str]:
@@ -146,6 +219,17 @@ class PostgresBackend:
             except BackendPermanentError as exc:
                 results.append(exc)
         return results
+
+
+def unrepresentable(value, type_name: str) -> str | None:
+    """Why a key's parameter cannot be a value of the Postgres type `type_name` (None: it can be)."""
+    if isinstance(value, int) and not isinstance(value, bool) and type_name in _INT_RANGES:
+        low, high = _INT_RANGES[type_name]
+        if not low <= value <= high:
+            return f"= {value} is out of range for {type_name} ({low}..{high})"
+    if isinstance(value, str) and type_name != "bytea" and "\x00" in value:
+        return "contains a NUL byte, which Postgres text cannot hold"
+    return None
 
 
 def _coerce(value, type_name: str):

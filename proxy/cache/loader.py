@@ -12,6 +12,16 @@ that finds the lease taken waits briefly for the winner's fill.
 
 Companion keys (lease, negative entry) carry the data key's hash slot, so the scripts touch one slot
 and work unchanged on a Redis Cluster.
+
+Admission: a fetch waits for a slot of its backend's FairGate (admission.py: as many slots as the
+backend's pool has connections, lanes per client taken in turn), so a burst of misses queues here
+instead of flooding the database, and one client's burst cannot starve another client's miss. A
+wait longer than the backend's queue_timeout answers "backend NAME busy". The lease is taken before
+the wait, so it lasts LEASE_MS plus that wait.
+
+A key the backend rejects (BackendKeyRejected: an int above int4, a NUL in text) is not found, as
+for any key no row has: the client gets nil (and a negative entry), and it is counted as
+`rejected_keys`, never as a backend error.
 """
 
 from __future__ import annotations
@@ -21,11 +31,14 @@ import logging
 import os
 import random
 import time
+import weakref
+from collections.abc import Hashable
 from dataclasses import dataclass
 
-from ..backends.base import BackendError, BackendPermanentError
+from ..backends.base import BackendBusy, BackendError, BackendKeyRejected, BackendPermanentError
 from ..upstream.scripts import Script
 from ..upstream.single import UpstreamUnavailable
+from .admission import FairGate
 from .keys import companion
 
 log = logging.getLogger("cacheproxy.loader")
@@ -111,9 +124,19 @@ class Loader:
         self.flights: dict[bytes, asyncio.Future] = {}
         self.refreshed: dict[bytes, float] = {}
         self._errors_logged: set[str] = set()
+        # One gate per backend object: a reload that replaces a backend (new pool size) gets a new one.
+        self.gates: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    async def load(self, route, key: bytes, params: dict) -> tuple[str, Found | None]:
-        """Make the cache answer for `key`; single-flight per key. Returns (Outcome, found)."""
+    def gate(self, backend) -> FairGate:
+        """The admission gate of `backend`, sized from its pool (backends.NAME.max_pool)."""
+        gate = self.gates.get(backend)
+        if gate is None:
+            gate = self.gates[backend] = FairGate(backend.cfg.max_pool)
+        return gate
+
+    async def load(self, route, key: bytes, params: dict, owner: Hashable = None) -> tuple[str, Found | None]:
+        """Make the cache answer for `key`; single-flight per key. Returns (Outcome, found). `owner`
+        (the client's session) decides the admission lane the backend fetch waits in."""
         flight = self.flights.get(key)
         if flight is not None:
             route.stats.singleflight_joins += 1
@@ -121,7 +144,7 @@ class Loader:
         flight = asyncio.get_running_loop().create_future()
         self.flights[key] = flight
         try:
-            result = await self._load(route, key, params, refresh=False)
+            result = await self._load(route, key, params, refresh=False, owner=owner)
         except BaseException as exc:
             flight.set_exception(exc)
             flight.exception()   # joiners re-raise it; mark it retrieved for the lone-caller case
@@ -162,25 +185,27 @@ class Loader:
         finally:
             del self.flights[key]
 
-    async def _load(self, route, key: bytes, params: dict, refresh: bool) -> tuple[str, Found | None]:
+    async def _load(self, route, key: bytes, params: dict, refresh: bool,
+                    owner: Hashable = None) -> tuple[str, Found | None]:
         keys = [key, companion("lease", key), companion("neg", key), companion("pend", key)]
         token = os.urandom(8).hex()
+        lease = LEASE_MS + int(route.backend.cfg.queue_timeout * 1000)   # outlives the admission wait
         try:
-            status = await BEGIN(self.pool, keys, [token, LEASE_MS, "refresh" if refresh else "miss"])
+            status = await BEGIN(self.pool, keys, [token, lease, "refresh" if refresh else "miss"])
             deadline = time.monotonic() + BUSY_WAIT_S
             while status == b"BUSY" and not refresh and time.monotonic() < deadline:
                 # Another proxy is loading this key: give its fill a moment instead of a second query.
                 await asyncio.sleep(0.01)
-                status = await BEGIN(self.pool, keys, [token, LEASE_MS, "miss"])
+                status = await BEGIN(self.pool, keys, [token, lease, "miss"])
         except UpstreamUnavailable:
-            found = await self._fetch(route, key, params)
+            found = await self._fetch(route, key, params, owner)
             return Outcome.DIRECT, found
         if status == b"NEG":
             route.stats.negative_hits += 1
             return Outcome.CACHED, None
         if status == b"HIT" or (status == b"BUSY" and refresh):
             return Outcome.CACHED, None
-        found = await self._fetch(route, key, params)
+        found = await self._fetch(route, key, params, owner)
         if status == b"BUSY":
             return Outcome.DIRECT, found      # the other proxy never filled: answer, don't cache
         if found.exists:
@@ -196,24 +221,51 @@ class Loader:
             return Outcome.DIRECT, found
         return Outcome.CACHED, found
 
-    async def _fetch(self, route, key: bytes, params: dict) -> Found:
+    async def _fetch(self, route, key: bytes, params: dict, owner: Hashable = None) -> Found:
         stats = route.stats
+        gate = await self._admit(route, owner)
         stats.loads += 1
         started = time.perf_counter()
         try:
             rows = await route.fetch(params)
-        except BackendError:
+        except BackendKeyRejected as exc:
+            stats.rejected_keys += 1          # the client's key, not the backend's failure
+            log.debug("route %s: %r cannot exist: %s", route.name, key, exc)
+            return Found()
+        except BackendError as exc:
             stats.load_errors += 1
-            errors = self.metrics.backend_errors
-            errors[route.backend_name] = errors.get(route.backend_name, 0) + 1
+            if isinstance(exc, BackendBusy):
+                stats.load_busy += 1          # the proxy's pool is saturated; the database is fine
+            else:
+                errors = self.metrics.backend_errors
+                errors[route.backend_name] = errors.get(route.backend_name, 0) + 1
+            if not exc.transient:
+                self._log_once(route, exc)
             raise
         finally:
+            gate.release()
             self.metrics.load_seconds.labels(route.name, route.backend_name).observe(time.perf_counter() - started)
         try:
             return route.encode(rows)
         except BackendPermanentError as exc:
-            if route.name not in self._errors_logged:
-                self._errors_logged.add(route.name)
-                log.error("route %s: %s", route.name, exc)
+            self._log_once(route, exc)
             raise
 
+    def _log_once(self, route, exc: BackendError) -> None:
+        """A read that cannot work is most likely the route's mistake: say so once per route."""
+        if route.name not in self._errors_logged:
+            self._errors_logged.add(route.name)
+            log.error("route %s: %s", route.name, exc)
+
+    async def _admit(self, route, owner: Hashable) -> FairGate:
+        """Wait for a slot of the route's backend (fair between owners); BackendBusy after queue_timeout."""
+        gate = self.gate(route.backend)
+        timeout = route.backend.cfg.queue_timeout
+        try:
+            await gate.acquire(owner, timeout)
+        except TimeoutError:
+            route.stats.load_errors += 1
+            route.stats.load_busy += 1
+            raise BackendBusy(route.backend_name, f"all {gate.limit} connections in use; no turn came within "
+                                                  f"{timeout:g}s ({gate.waiting} loads waiting)") from None
+        return gate

@@ -13,22 +13,22 @@ that need the remaining TTL (refresh-ahead, stale-if-error), a PTTL rides in the
 
 Routed writes are forwarded after a DEL of the key's lease and negative entry, so a fill that
 started before the write can no longer land (see loader.py).
+
+MGET/EXISTS over many missing keys run at most limits.max_loads_per_command loads at once (and at
+most UPSTREAM_FANOUT per-key upstream calls), never one task per key; the loads wait in the client
+session's own admission lane (loader.py), so one command cannot crowd out other clients.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
-from ..backends.base import BackendError
+from ..backends.base import BackendBusy, BackendError
 from ..protocol import errors
-from ..protocol.commands import (
-    MULTI_READS,
-    SINGLE_READS,
-    routed_keys,
-)
+from ..protocol.commands import MULTI_READS, SINGLE_READS, routed_keys
 from ..protocol.resp import encode_command, encode_reply, parse_reply, scan_replies
 from ..upstream.single import UpstreamUnavailable
+from .admission import map_bounded
 from .keys import companion
 from .loader import Found, Loader, Outcome
 
@@ -37,14 +37,16 @@ log = logging.getLogger("cacheproxy.readthrough")
 # A nil is only a miss when it cannot mean anything else (see the module docstring).
 MISS_REPLIES = frozenset((b"$-1\r\n", b"_\r\n", b"*0\r\n", b"%0\r\n", b":0\r\n", b":-2\r\n"))
 WRONGTYPE = errors.WRONGTYPE
+UPSTREAM_FANOUT = 64      # per-key upstream calls (EXISTS) one command keeps in flight at once
 
 
 class ReadThrough:
-    def __init__(self, router, pool, loader: Loader, writes=None):
+    def __init__(self, router, pool, loader: Loader, writes=None, max_loads_per_command: int = 16):
         self.router = router
         self.pool = pool
         self.loader = loader
         self.writes = writes      # writes.Writes: routes with write-behind / write-through
+        self.max_loads = max_loads_per_command
         self.prefixes = router.prefixes   # bytes.startswith(tuple): the cheap first test
 
     def owns(self, name: bytes, args: list[bytes]) -> bool:
@@ -124,9 +126,11 @@ class ReadThrough:
                 if hit is not None and (name == b"EXISTS" or hit[0].family == "value"):
                     missing[key] = hit
         if missing:
+            async def load(item):
+                key, (route, params) = item
+                return await self._load(route, key, params, session)
             try:
-                loaded = await asyncio.gather(*(self._load(route, key, params)
-                                                for key, (route, params) in missing.items()))
+                loaded = await map_bounded(load, list(missing.items()), self.max_loads)
             except BackendError as exc:
                 session.fill(slot, backend_error(exc))
                 return
@@ -154,15 +158,15 @@ class ReadThrough:
         else:
             session.fill(slot, b":%d\r\n" % sum(values))
 
-    async def _load(self, route, key, params):
+    async def _load(self, route, key, params, session):
         route.stats.misses += 1
-        return await self.loader.load(route, key, params)
+        return await self.loader.load(route, key, params, owner=session)
 
     async def _call(self, proto: int, args):
         return await self.pool.execute(*args, proto=proto, key=args[1])
 
     async def _call_many(self, proto: int, commands: list) -> list:
-        return list(await asyncio.gather(*(self.pool.execute(*c, proto=proto, key=c[1]) for c in commands)))
+        return await map_bounded(lambda c: self.pool.execute(*c, proto=proto, key=c[1]), commands, UPSTREAM_FANOUT)
 
 
 class _Read:
@@ -211,7 +215,7 @@ class _Read:
     async def _answer(self, stale) -> None:
         rt, session = self.rt, self.session
         try:
-            outcome, found = await rt.loader.load(self.route, self.key, self.params)
+            outcome, found = await rt.loader.load(self.route, self.key, self.params, owner=session)
         except BackendError as exc:
             if stale is not None:
                 self.route.stats.stale_served += 1
@@ -234,6 +238,12 @@ class _Read:
 
 
 def backend_error(exc: BackendError) -> bytes:
+    """The client's error line for a failed load: busy (our pool is saturated), unavailable (try
+    again), or a read that cannot work for this key (retrying does not help)."""
+    if isinstance(exc, BackendBusy):
+        return errors.backend_busy(exc.backend, str(exc))
+    if not exc.transient:
+        return errors.backend_read_failed(exc.backend, str(exc))
     return errors.backend_unavailable(exc.backend, str(exc))
 
 

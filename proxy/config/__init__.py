@@ -5,6 +5,7 @@ from .problems import ConfigError, Problem, StartupError
 from .schema import (
     Admin,
     Config,
+    Durability,
     DynamoBackend,
     Limits,
     Listen,
@@ -23,7 +24,7 @@ from .schema import (
 from .sources import config_from_dict, load_config
 
 __all__ = [
-    "Admin", "Config", "ConfigError", "DynamoBackend", "Limits", "Listen", "Log", "PostgresBackend",
+    "Admin", "Config", "ConfigError", "Durability", "DynamoBackend", "Limits", "Listen", "Log", "PostgresBackend",
     "Problem", "Route", "RouteRead", "RouteWrite", "Shutdown", "StartupError", "TTLPolicy", "Upstream",
     "UpstreamTLS", "WriteBehind", "config_from_dict", "load_config", "parse_redis_url",
 ]

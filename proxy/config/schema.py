@@ -130,6 +130,9 @@ class Limits(_Model):
     max_inflight: int = Field(1024, ge=1,
                               description="set the most commands per client awaiting replies before the proxy "
                                           "stops reading from it (>= 1)")
+    max_loads_per_command: int = Field(16, ge=1,
+                                       description="set the most backend loads one MGET or EXISTS of missing "
+                                                   "routed keys runs at once (>= 1)")
 
 
 class UpstreamTLS(_Model):
@@ -192,6 +195,30 @@ def _check_node(node: str) -> str:
     return node
 
 
+DurabilityAction = Literal["refuse", "warn", "ignore"]
+
+
+class Durability(_Model):
+    """What the proxy does when the upstream cannot keep the write-behind queue (checked only while a
+    route writes behind: a read-through cache may be evicted and lost freely)."""
+    eviction: DurabilityAction = Field(
+        "refuse", description="use one of: refuse, warn, ignore (when maxmemory-policy is allkeys-* with a "
+                              "maxmemory set, Redis may evict the queue's streams: acknowledged writes lost)")
+    persistence: DurabilityAction = Field(
+        "warn", description="use one of: refuse, warn, ignore (when the upstream has neither AOF nor a "
+                            "connected replica, a Redis restart loses the queued writes)")
+    check_interval: float = Field(30.0, gt=0, description="set seconds between checks of the upstream's "
+                                                          "settings, which CONFIG SET can change at runtime (> 0)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        # `durability: warn` sets both eviction and persistence.
+        if isinstance(data, str):
+            return {"eviction": data, "persistence": data}
+        return data
+
+
 class Upstream(_Model):
     url: str = Field("redis://127.0.0.1:6379/0",
                      description="set a redis:// or rediss:// url such as redis://user:pass@host:6379/0")
@@ -205,6 +232,9 @@ class Upstream(_Model):
     read_from: Literal["primary", "replica", "prefer_replica"] = Field(
         "primary", description="use one of: primary, replica, prefer_replica")
     tls: UpstreamTLS = Field(default_factory=UpstreamTLS, description="set TLS options for a rediss:// upstream")
+    durability: Durability = Field(default_factory=Durability,
+                                   description="set refuse, warn or ignore for eviction and persistence, or one "
+                                               "of them for both")
 
     @field_validator("url")
     @classmethod
@@ -250,6 +280,9 @@ class Admin(_Model):
     enabled: bool = Field(True, description="set false to turn off the HTTP endpoint (/metrics /healthz /readyz)")
     host: str = Field("127.0.0.1", description="set the address of the admin HTTP endpoint")
     port: int = Field(9121, ge=0, le=65535, description="set a TCP port between 1 and 65535 (0 picks a free one)")
+    readiness_cache_seconds: float = Field(
+        1.0, ge=0, description="set seconds a /readyz result is reused (>= 0; 0 = check on every request; "
+                               "checks never overlap)")
 
 
 class Log(_Model):
@@ -303,6 +336,8 @@ class PostgresBackend(_Model):
     max_pool: int = Field(10, ge=1, description="set the most connections to Postgres (>= 1)")
     statement_timeout_ms: int = Field(5000, ge=0, description="set the statement timeout in ms (0 = none)")
     connect_timeout: float = Field(5.0, gt=0, description="set seconds to wait for a Postgres connection (> 0)")
+    queue_timeout: float = Field(5.0, gt=0, description="set seconds a cache miss waits for a free connection "
+                                                        "before the client gets 'backend NAME busy' (> 0)")
 
     _dsn = field_validator("dsn")(_valid_dsn)
 
@@ -314,6 +349,8 @@ class DynamoBackend(_Model):
                                                    "it out for AWS")
     max_pool: int = Field(10, ge=1, description="set the most HTTP connections to DynamoDB (>= 1)")
     timeout: float = Field(5.0, gt=0, description="set seconds to wait for a DynamoDB call (> 0)")
+    queue_timeout: float = Field(5.0, gt=0, description="set seconds a cache miss waits for a free connection "
+                                                        "before the client gets 'backend NAME busy' (> 0)")
 
     @field_validator("endpoint_url")
     @classmethod

@@ -2,6 +2,10 @@
 
 A deliberately tiny HTTP/1.0-style server on asyncio streams: three GET routes, one response per
 connection, so the proxy needs no web framework.
+
+/readyz: 200 or 503 with {"ready": bool, "problems": {component: reason}, "warnings": {component:
+reason}}. Problems make it 503; warnings (e.g. an upstream without persistence under
+upstream.durability.persistence: warn) are reported and do not.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ log = logging.getLogger("cacheproxy.admin")
 
 
 class AdminServer:
-    def __init__(self, cfg, metrics, readiness):
-        """readiness: async callable returning {component: None if ok else 'reason'}."""
+    def __init__(self, cfg, metrics, readiness, warnings=dict):
+        """readiness: async callable returning {component: None if ok else 'reason'};
+        warnings: callable returning {component: 'reason'} for what is reported but not a problem."""
         self.cfg = cfg
         self.metrics = metrics
         self.readiness = readiness
+        self.warnings = warnings
         self.server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
@@ -49,7 +55,8 @@ class AdminServer:
             elif path == b"/readyz":
                 problems = {k: v for k, v in (await self.readiness()).items() if v}
                 status = 503 if problems else 200
-                body = json.dumps({"ready": not problems, "problems": problems}).encode() + b"\n"
+                body = json.dumps({"ready": not problems, "problems": problems,
+                                   "warnings": self.warnings()}).encode() + b"\n"
                 ctype = "application/json"
             else:
                 status, ctype, body = 404, "text/plain", b"not found\n"

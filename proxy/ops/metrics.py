@@ -46,13 +46,25 @@ UPSTREAM_CONNECTIONS = Family("cacheproxy_upstream_connections", "gauge", "Open 
 UPSTREAM_UP = Family("cacheproxy_upstream_up", "gauge", "1 when a shared upstream connection is up")
 UPSTREAM_EVENTS = Family("cacheproxy_upstream_events", "counter", "Upstream connection events", ("event",))
 # -- routes and backends
+# rejected_keys: misses whose key no row can have (int4 overflow, NUL in text): answered as not found,
+# never counted as backend errors. load_busy: loads refused because every backend connection was in use
+# (part of load_errors, not of cacheproxy_backend_errors).
 ROUTE_FIELDS = ("hits", "misses", "negative_hits", "loads", "load_errors", "singleflight_joins",
-                "refresh_ahead", "stale_served", "not_found", "writes", "write_errors", "queue_full")
+                "refresh_ahead", "stale_served", "not_found", "writes", "write_errors", "queue_full",
+                "rejected_keys", "load_busy")
 ROUTE = {field: Family(f"cacheproxy_route_{field}", "counter", f"Route {field.replace('_', ' ')}", ("route",))
          for field in ROUTE_FIELDS}
 BACKEND_ERRORS = Family("cacheproxy_backend_errors", "counter", "Backend errors", ("backend",))
 LOAD_SECONDS = Family("cacheproxy_load_seconds", "histogram", "Backend load latency on a cache miss",
                       ("route", "backend"), LOAD_BUCKETS)
+# -- readiness and the upstream's durability
+READINESS_REQUESTS = Family("cacheproxy_readiness_requests", "counter", "/readyz requests answered")
+READINESS_CHECKS = Family("cacheproxy_readiness_checks", "counter",
+                          "Readiness checks run (pings of the upstream and backends); at most one at a time")
+DURABILITY = Family("cacheproxy_upstream_durability", "gauge",
+                    "Can the upstream keep the write-behind queue: 1 ok, 0 unsafe, -1 unknown", ("node", "aspect"))
+DURABILITY_CHECKS = Family("cacheproxy_upstream_durability_checks", "counter",
+                           "Checks of the upstream's eviction policy and persistence")
 # -- write-behind
 WB_PENDING = Family("cacheproxy_writebehind_pending", "gauge", "Writes queued and not yet in the database")
 WB_LAG = Family("cacheproxy_writebehind_lag_seconds", "gauge", "Age of the oldest queued write")
@@ -72,6 +84,7 @@ CATALOGUE: tuple[Family, ...] = (
     CLIENT_CONNECTIONS, CLIENT_EVENTS, CLIENT_BYTES, COMMANDS,
     UPSTREAM_CONNECTIONS, UPSTREAM_UP, UPSTREAM_EVENTS,
     *ROUTE.values(), BACKEND_ERRORS, LOAD_SECONDS,
+    READINESS_REQUESTS, READINESS_CHECKS, DURABILITY, DURABILITY_CHECKS,
     WB_PENDING, WB_LAG, WB_DEAD_LETTERS, WB_PARTITIONS, WB_LANDED, WB_RETRIES, WB_DEAD_LETTERED,
     WB_BATCH_SIZE, WB_FLUSH_SECONDS,
 )

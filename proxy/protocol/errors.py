@@ -91,3 +91,20 @@ def backend_unavailable(backend: str, reason: str) -> bytes:
 
 def backend_refused(backend: str, reason: str) -> bytes:
     return line(f"ERR backend {backend} refused the write: {reason}")
+
+
+def backend_busy(backend: str, reason: str) -> bytes:
+    """Every connection the proxy may open to the backend is in use: the proxy's own saturation, not
+    a failure of the database (the client may retry)."""
+    return line(f"ERR backend {backend} busy: {reason}")
+
+
+def backend_read_failed(backend: str, reason: str) -> bytes:
+    """The backend answered, but the read cannot work for this key (bad SQL, a row the route cannot
+    encode ...): retrying does not help; the reason says what to fix."""
+    return line(f"ERR backend {backend} cannot answer for this key: {reason}")
+
+
+def write_behind_refused(reason: str) -> bytes:
+    """A write-behind write refused because the upstream could lose the queue (upstream.durability)."""
+    return line(f"ERR write-behind refused: {reason}")

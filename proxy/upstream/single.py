@@ -160,6 +160,9 @@ class UpstreamConnection(asyncio.Protocol):
     @property
     def waiters(self):
         return self.demux.waiters
+    async def call_direct(self, *args) -> bytes:
+        """call() on this very connection: the same here (a cluster node's call() routes by key)."""
+        return await UpstreamConnection.call(self, *args)
 
     def _fail_all(self, message: str) -> None:
         reply = errors.line("ERR " + message)

@@ -19,10 +19,11 @@ import asyncio
 import logging
 import time
 
-from ..backends.base import BackendError, WriteOp
+from ..backends.base import BackendBusy, BackendError, WriteOp
 from ..cache.encoding import from_hash
 from ..cache.keys import companion
 from ..cache.loader import Loader, Outcome, ttl_ms
+from ..protocol import errors
 from ..protocol.resp import OK, encode_reply, error
 from ..upstream.scripts import Script
 from ..upstream.single import UpstreamUnavailable
@@ -90,6 +91,9 @@ class Writes:
         self.writer = writer          # notified of new entries so the local flusher wakes at once
         self._locks: dict[bytes, list] = {}      # key -> [lock, users]: write-through order per key
         self._seq = 0
+        # Set by the server (ops/durability.py): its `refusal` says why the upstream may lose queued
+        # writes (upstream.durability: refuse), and write-behind writes are refused while it does.
+        self.queue_guard = None
 
     def reconfigure(self, router, wb_cfg, writer) -> None:
         self.router, self.cfg, self.writer = router, wb_cfg, writer
@@ -158,6 +162,10 @@ class Writes:
         try:
             self._check(route, name, args)
             mode = route.write.mode
+            refusal = self.queue_guard.refusal if self.queue_guard is not None and mode == "write-behind" else None
+            if refusal:
+                stats.write_errors += 1
+                return errors.write_behind_refused(refusal)
             if mode == "write-behind":
                 try:
                     reply = await self._behind(route, params, name, args, proto)
@@ -178,6 +186,8 @@ class Writes:
             return error(f"ERR upstream unavailable: {exc}")
         except BackendError as exc:
             stats.write_errors += 1
+            if isinstance(exc, BackendBusy):      # every pooled connection in use: our saturation
+                return errors.backend_busy(exc.backend, str(exc))
             verb = "refused the write" if not exc.transient else "unavailable"
             return error(f"ERR backend {exc.backend} {verb}: {exc}")
         stats.writes += 1

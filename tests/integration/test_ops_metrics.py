@@ -54,8 +54,10 @@ def test_readyz_follows_postgres(make_proxy, redis_server, throwaway_pg):
     schema = make_schema(throwaway_pg.dsn)
     p = start(make_proxy, redis_server, schema, dsn=throwaway_pg.dsn)
     admin = f"http://127.0.0.1:{p.admin_port}"
-    assert get(f"{admin}/readyz") == (200, {"ready": True, "problems": {}})
+    assert get(f"{admin}/readyz") == (200, {"ready": True, "problems": {}, "warnings": {}})
     throwaway_pg.stop()
+    # A result is reused for admin.readiness_cache_seconds (1 s): the next check sees the outage.
+    wait_for(lambda: get(f"{admin}/readyz")[0] == 503, timeout=10, what="/readyz 503 with Postgres down")
     status, body = get(f"{admin}/readyz")
     assert status == 503
     assert body["ready"] is False and set(body["problems"]) == {"backend:main"}
