@@ -173,6 +173,11 @@ class Metrics:
         (gauges such as the connection count, or counters another object keeps)."""
         self.readers[family] = read
 
+    def declare(self, *families: Family) -> None:
+        """Export these labelled counters from now on, even before their first count."""
+        for family in families:
+            self.labelled.setdefault(family, {})
+
     def count(self, family: Family, labels: tuple[str, ...], n: int = 1) -> None:
         """A labelled counter off the hot path (e.g. write-behind outcomes per route)."""
         values = self.labelled.setdefault(family, {})

@@ -114,6 +114,7 @@ class Writer:
         metrics.read(WB_LAG, lambda: self.lag_s)
         metrics.read(WB_DEAD_LETTERS, lambda: self.dead_letters)
         metrics.read(WB_PARTITIONS, lambda: len(self.owned))
+        metrics.declare(*_OUTCOMES.values())
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
