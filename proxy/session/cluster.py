@@ -52,6 +52,7 @@ class ClusterSession(ClientSession):
             return
         if self.closing:
             return
+        self.parser.unauthenticated = not self.authed    # Redis's request limits before AUTH
         frames, raw = self.parser.feed(data)
         if self.parser.error is not None:
             frames.append([PROTOCOL_ERROR, self.parser.error])
@@ -81,6 +82,8 @@ class ClusterSession(ClientSession):
                         self.pause("upstream")
                     return
         self._dispatch(frames, 0)
+        if self.parser.deferred and self.backlog is None:
+            self.data_received(b"")     # requests held back until an AUTH among `frames` had run
 
     def _dispatch(self, frames: list, i: int) -> None:
         run: list = []          # consecutive commands for `run_conn`, sent as one write

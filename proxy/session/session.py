@@ -66,7 +66,8 @@ class ClientSession(asyncio.Protocol):
         self.server = server
         self.pool = server.pool
         limits = server.cfg.limits
-        self.parser = RequestParser(limits.max_bulk_len, limits.max_multibulk_len, limits.max_inline_len)
+        self.parser = RequestParser(limits.max_bulk_len, limits.max_multibulk_len, limits.max_inline_len,
+                                    limits.max_query_buffer)
         self.table = server.table
         self.max_inflight = limits.max_inflight
         self.output_hard = limits.client_output_hard
@@ -160,6 +161,7 @@ class ClientSession(asyncio.Protocol):
             return
         if self.closing:
             return
+        self.parser.unauthenticated = not self.authed    # Redis's request limits before AUTH
         frames, raw = self.parser.feed(data)
         if self.parser.error is not None:
             frames.append([PROTOCOL_ERROR, self.parser.error])
@@ -186,6 +188,8 @@ class ClientSession(asyncio.Protocol):
                 self.send_shared(raw, len(frames))
                 return
         self._dispatch(frames, 0)
+        if self.parser.deferred and self.backlog is None:
+            self.data_received(b"")     # requests held back until an AUTH among `frames` had run
 
     def _dispatch(self, frames: list, i: int) -> None:
         run: list[bytes] = []       # consecutive pass-through commands, sent as one batch
