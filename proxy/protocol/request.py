@@ -141,14 +141,27 @@ class RequestParser:
 
     # -- feed --------------------------------------------------------------------------------------
     def feed(self, data: bytes) -> tuple[list[list[bytes]], bytes | None]:
+        # The hot path, _afresh inlined: a read that starts a request and may go to hiredis.
         if not self._buf and len(data) <= self._fast_limit and data.startswith(b"*") \
                 and not self.unauthenticated and _LARGE_AGGREGATE.search(data) is None:
-            frames: list[list[bytes]] = []
-            used = self._fast(data, frames)
+            frames, used = self._fast(data)
             if used == len(data):
                 return frames, data
             return self._fresh(data, used, frames, [data[:used]] if used else [])
         return self._resume(data)
+
+    def _afresh(self, data: bytes, frames: list, parts: list | None):
+        """Parse `data`, which starts a request, with nothing buffered: hiredis first if it may."""
+        used = 0
+        if len(data) <= self._fast_limit and data.startswith(b"*") and not self.unauthenticated \
+                and _LARGE_AGGREGATE.search(data) is None:
+            got, used = self._fast(data)
+            frames += got
+            if used and parts is not None:
+                parts.append(data[:used])
+            if used == len(data):
+                return frames, None if parts is None else b"".join(parts)
+        return self._fresh(data, used, frames, parts)
 
     def _resume(self, data: bytes) -> tuple[list[list[bytes]], bytes | None]:
         """Bytes after others still buffered (or a read the fast path cannot take)."""
@@ -172,22 +185,14 @@ class RequestParser:
             head = bytes(view[:pos]) if canonical else None
             rest = bytes(view[pos:])
         self._reset()
-        parts = None if head is None else [head]
-        if len(rest) <= self._fast_limit and rest.startswith(b"*") and not self.unauthenticated \
-                and _LARGE_AGGREGATE.search(rest) is None:
-            used = self._fast(rest, frames)
-            if used == len(rest):
-                return frames, None if parts is None else b"".join(parts + [rest])
-            if used and parts is not None:
-                parts.append(rest[:used])
-            return self._fresh(rest, used, frames, parts)
-        return self._fresh(rest, 0, frames, parts)
+        return self._afresh(rest, frames, None if head is None else [head])
 
     def _fresh(self, data: bytes, used: int, frames: list, parts: list | None):
         """Slow path for data[used:], which starts a request, with nothing else buffered."""
         self.deferred = False
         with memoryview(data) as view:
             self._buf = bytearray(view[used:])
+        self._pos = self._seek = 0
         try:
             canonical = self._slow(frames)
         except ProtocolError as exc:
@@ -220,30 +225,25 @@ class RequestParser:
         return frames, None
 
     # -- fast path -----------------------------------------------------------------------------------
-    def _fast(self, data: bytes, frames: list) -> int:
-        """Let hiredis parse `data`; append its frames and return the bytes they take when those bytes
-        are exactly the frames' canonical encoding, else take nothing and return 0."""
+    def _fast(self, data: bytes) -> tuple[list, int]:
+        """Let hiredis parse `data`: its frames and the bytes they take, when those bytes are exactly
+        the frames' canonical encoding (all of `data`, or a prefix ending where a request was cut);
+        else ([], 0)."""
         reader = self._reader
         reader.feed(data)
-        got = []
         try:
-            while (frame := reader.gets()) is not False:
-                got.append(frame)
-        except hiredis.ProtocolError:
+            got = list(iter(reader.gets, False))
+            canonical = _pack(tuple(got[0])) if len(got) == 1 else b"".join(map(_pack, map(tuple, got)))
+        except (hiredis.ProtocolError, TypeError, IndexError):  # not RESP; a nested aggregate, a nil ...
             self._reader = hiredis.Reader()
-            return 0
-        if reader.has_data():           # a request cut by the end of the read
+            return [], 0
+        if canonical == data and all(got):     # "*0" and "*-1" are for the slow path (Redis ignores them)
+            return got, len(data)
+        if reader.has_data():                   # a request cut by the end of the read
             self._reader = hiredis.Reader()
-        if not got or not all(got):     # "*0" and "*-1" are for the slow path (Redis ignores them)
-            return 0
-        try:
-            canonical = b"".join(map(_pack, map(tuple, got)))
-        except TypeError:               # a nested aggregate, a nil, an error element ...
-            return 0
-        if not data.startswith(canonical):
-            return 0
-        frames += got
-        return len(canonical)
+        if got and all(got) and data.startswith(canonical):
+            return got, len(canonical)
+        return [], 0
 
     # -- slow path: Redis's processInputBuffer ---------------------------------------------------------
     def _slow(self, frames: list, one: bool = False) -> bool:
