@@ -59,6 +59,9 @@ PROTO_TOO_BIG_INLINE = "too big inline request"
 PROTO_UNBALANCED_QUOTES = "unbalanced quotes in request"
 # Redis closes a client past client-query-buffer-limit without a word; the proxy says why.
 PROTO_QUERY_BUFFER = "request too big for the query buffer (limits.max_query_buffer)"
+# For the session/server to give the client it drops when all clients' unfinished requests together
+# pass limits.max_query_buffer_total (RequestParser.buffered adds up to that total).
+PROTO_QUERY_BUFFER_TOTAL = "too many bytes of unfinished requests in the proxy (limits.max_query_buffer_total)"
 
 
 def proto_expected_bulk(got: int) -> str:

@@ -54,6 +54,7 @@ _INTEGER = re.compile(rb"0|-?[1-9][0-9]{0,19}")
 # declares 10,000+ elements anywhere takes the slow path, which stores only what arrives.
 _LARGE_AGGREGATE = re.compile(rb"[*%~>|][0-9]{5}")
 _pack = hiredis.pack_command
+_NEED_DATA = object()   # what hiredis' gets() returns for "no complete frame": equal to no frame (0 == False)
 
 
 class ProtocolError(Exception):
@@ -99,7 +100,7 @@ class RequestParser:
     def __init__(self, max_bulk: int = 512 * 1024 * 1024, max_multibulk: int = INT_MAX,
                  max_inline: int = LINE_MAX, max_query_buffer: int = QUERY_BUFFER_DEFAULT,
                  unauthenticated: bool = False):
-        self._reader = hiredis.Reader()
+        self._reader = hiredis.Reader(notEnoughData=_NEED_DATA)
         self.max_bulk = max_bulk
         self.max_multibulk = max_multibulk
         self.max_inline = max_inline
@@ -232,15 +233,15 @@ class RequestParser:
         reader = self._reader
         reader.feed(data)
         try:
-            got = list(iter(reader.gets, False))
+            got = list(iter(reader.gets, _NEED_DATA))
             canonical = _pack(tuple(got[0])) if len(got) == 1 else b"".join(map(_pack, map(tuple, got)))
         except (hiredis.ProtocolError, TypeError, IndexError):  # not RESP; a nested aggregate, a nil ...
-            self._reader = hiredis.Reader()
+            self._reader = hiredis.Reader(notEnoughData=_NEED_DATA)
             return [], 0
         if canonical == data and all(got):     # "*0" and "*-1" are for the slow path (Redis ignores them)
             return got, len(data)
         if reader.has_data():                   # a request cut by the end of the read
-            self._reader = hiredis.Reader()
+            self._reader = hiredis.Reader(notEnoughData=_NEED_DATA)
         if got and all(got) and data.startswith(canonical):
             return got, len(canonical)
         return [], 0
