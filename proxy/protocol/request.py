@@ -54,7 +54,7 @@ _INTEGER = re.compile(rb"0|-?[1-9][0-9]{0,19}")
 # declares 10,000+ elements anywhere takes the slow path, which stores only what arrives.
 _LARGE_AGGREGATE = re.compile(rb"[*%~>|][0-9]{5}")
 _pack = hiredis.pack_command
-_NEED_DATA = object()   # what hiredis' gets() returns for "no complete frame": equal to no frame (0 == False)
+_NEED_DATA = object()   # gets() returns it when no frame is complete (its default, False, equals a frame :0)
 
 
 class ProtocolError(Exception):
@@ -235,7 +235,7 @@ class RequestParser:
         try:
             got = list(iter(reader.gets, _NEED_DATA))
             canonical = _pack(tuple(got[0])) if len(got) == 1 else b"".join(map(_pack, map(tuple, got)))
-        except (hiredis.ProtocolError, TypeError, IndexError):  # not RESP; a nested aggregate, a nil ...
+        except (hiredis.ProtocolError, TypeError):  # not RESP; a nested aggregate, a nil, an error ...
             self._reader = hiredis.Reader(notEnoughData=_NEED_DATA)
             return [], 0
         if canonical == data and all(got):     # "*0" and "*-1" are for the slow path (Redis ignores them)
@@ -248,7 +248,7 @@ class RequestParser:
 
     # -- slow path: Redis's processInputBuffer ---------------------------------------------------------
     def _slow(self, frames: list, one: bool = False) -> bool:
-        """Parse _buf from _pos, appending complete requests to `frames` (after the first one if `one`).
+        """Parse _buf from _pos, appending complete requests to `frames` (stop after one if `one`).
         Returns whether all it consumed was canonical multibulk; stops when more bytes are needed."""
         buf = self._buf
         canonical = True
