@@ -23,6 +23,7 @@ from .ops.metrics import (
 )
 from .ops.readiness import CachedReadiness
 from .ops.reload import reload as reload_config
+from .protocol import errors
 from .protocol.commands import ROUTED_COMMANDS, TABLE, with_routed
 from .session.guard import Guard
 from .session.session import Session
@@ -58,6 +59,7 @@ class ProxyServer:
         self.metrics.read(READINESS_CHECKS, lambda: self.ready_probe.checks)
         self.listener: asyncio.base_events.Server | None = None
         self.clock = 0.0
+        self.query_buffered = 0     # bytes of unfinished requests held for all clients (limits.max_query_buffer_total)
         listen = cfg.listen
         self.auth_required = bool(listen.password or listen.users)
         self._stopping: asyncio.Event | None = None
@@ -177,13 +179,32 @@ class ProxyServer:
     def port(self) -> int:
         return self.listener.sockets[0].getsockname()[1]
 
+    def over_query_budget(self) -> None:
+        """All clients' unfinished requests passed limits.max_query_buffer_total: the client holding the
+        most is dropped (an attacker's giant bulk, not the many small requests in flight)."""
+        biggest = max(self.sessions, key=lambda s: s.buffered, default=None)
+        if biggest is not None and biggest.buffered:
+            log.warning("client %d holds %d bytes of an unfinished request; the proxy-wide limit is passed, "
+                        "closing it", biggest.id, biggest.buffered)
+            biggest.drop(errors.protocol_error(errors.PROTO_QUERY_BUFFER_TOTAL), "query_buffer_disconnects")
+
     async def _tick(self) -> None:
-        """A coarse clock for idle tracking (cheaper than a clock call per read), and idle timeouts."""
+        """A coarse clock for idle tracking (cheaper than a clock call per read), idle timeouts, and the
+        deadline for finishing a request once begun."""
         loop = asyncio.get_running_loop()
         idle = self.cfg.listen.idle_timeout
         while True:
             await asyncio.sleep(0.25)
             self.clock = loop.time()
+            deadline = self.cfg.limits.request_timeout
+            if deadline:
+                for session in list(self.sessions):
+                    if session.partial_since is None:
+                        continue
+                    if session.paused:          # the proxy is not reading: the client is not to blame
+                        session.partial_since = self.clock
+                    elif self.clock - session.partial_since > deadline:
+                        session.drop(errors.request_timeout(deadline), "request_timeouts")
             if idle:
                 for session in list(self.sessions):
                     if (self.clock - session.last_active > idle and not session.order

@@ -52,6 +52,12 @@ def _check_sections(cfg: Config) -> list[Problem]:
             f"must be >= limits.client_output_soft ({limits.client_output_soft}) or 0 "
             f"(got {limits.client_output_hard})",
             "raise client_output_hard, lower client_output_soft, or set client_output_hard: 0"))
+    if limits.max_query_buffer_total and limits.max_query_buffer_total < limits.max_query_buffer:
+        problems.append(Problem(
+            "limits.max_query_buffer_total",
+            f"must be >= limits.max_query_buffer ({limits.max_query_buffer}) or 0 "
+            f"(got {limits.max_query_buffer_total})",
+            "raise max_query_buffer_total, lower max_query_buffer, or set max_query_buffer_total: 0"))
     any_host = ("0.0.0.0", "::", "")
     same_host = cfg.admin.host == cfg.listen.host or cfg.admin.host in any_host or cfg.listen.host in any_host
     if cfg.admin.enabled and cfg.admin.port == cfg.listen.port and same_host:

@@ -121,6 +121,15 @@ class Limits(_Model):
     max_multibulk_len: int = Field(2147483647, ge=1,
                                    description="set the most elements accepted in one command (>= 1)")
     max_inline_len: int = Field(65536, ge=1, description="set the longest inline command accepted, in bytes (>= 1)")
+    max_query_buffer: int = Field(268435456, ge=1,
+                                  description="set the most bytes the proxy holds for one client's unfinished "
+                                              "request, in bytes (>= 1; Redis's client-query-buffer-limit)")
+    max_query_buffer_total: int = Field(268435456, ge=0,
+                                        description="set the most bytes of unfinished requests held for all "
+                                                    "clients together, in bytes (0 = no total limit)")
+    request_timeout: float = Field(60.0, ge=0,
+                                   description="set the most seconds a client may take to send one request once "
+                                               "it has begun (0 = no limit)")
     client_output_soft: int = Field(8388608, ge=1,
                                     description="set the bytes of unsent replies at which the proxy stops "
                                                 "reading from that client (>= 1)")

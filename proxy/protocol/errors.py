@@ -41,7 +41,32 @@ def wrong_arity(command: bytes | str) -> bytes:
 
 
 def protocol_error(message: str) -> bytes:
-    return line(f"ERR Protocol error: {message}")
+    """The reply to a request the parser refused (the connection closes after it), byte for byte what
+    Redis sends: a byte quoted from the request (expected '$', got '\x80') goes out as that one byte."""
+    text = f"ERR Protocol error: {message}".replace("\r", " ").replace("\n", " ")
+    return b"-" + text.encode("latin-1", "replace") + b"\r\n"
+
+
+# The parser's words after "ERR Protocol error: " (proxy/protocol/request.py). All but the last are
+# Redis 7's own (networking.c), so a client sees what Redis would have said at the same point.
+PROTO_INVALID_MULTIBULK = "invalid multibulk length"
+PROTO_INVALID_BULK = "invalid bulk length"
+PROTO_UNAUTH_MULTIBULK = "unauthenticated multibulk length"
+PROTO_UNAUTH_BULK = "unauthenticated bulk length"
+PROTO_TOO_BIG_MBULK = "too big mbulk count string"
+PROTO_TOO_BIG_BULK = "too big bulk count string"
+PROTO_TOO_BIG_INLINE = "too big inline request"
+PROTO_UNBALANCED_QUOTES = "unbalanced quotes in request"
+# Redis closes a client past client-query-buffer-limit without a word; the proxy says why.
+PROTO_QUERY_BUFFER = "request too big for the query buffer (limits.max_query_buffer)"
+# For the session/server to give the client it drops when all clients' unfinished requests together
+# pass limits.max_query_buffer_total (RequestParser.buffered adds up to that total).
+PROTO_QUERY_BUFFER_TOTAL = "too many bytes of unfinished requests in the proxy (limits.max_query_buffer_total)"
+
+
+def proto_expected_bulk(got: int) -> str:
+    """A multibulk element that does not start with '$' (Redis: "expected '$', got '%c'")."""
+    return f"expected '$', got '{chr(got)}'"
 
 
 def unknown_subcommand(command: bytes | str, sub: bytes | str) -> bytes:
@@ -62,6 +87,10 @@ def cluster_node_local(command: bytes) -> bytes:
 def cluster_per_node(command: bytes) -> bytes:
     shown = command.decode(errors="replace").replace("|", " ").upper()
     return line(f"ERR cacheproxy cluster mode: '{shown}' has a per-node answer; send it to the nodes directly")
+
+
+def request_timeout(seconds: float) -> bytes:
+    return line(f"ERR request not completed within {seconds:g} s (limits.request_timeout)")
 
 
 def refused(reason: str) -> bytes:

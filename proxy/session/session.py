@@ -72,7 +72,8 @@ class Session(asyncio.Protocol):
         self.host = host
         self.pool: Pool = host.pool
         limits = host.cfg.limits
-        self.parser = RequestParser(limits.max_bulk_len, limits.max_multibulk_len, limits.max_inline_len)
+        self.parser = RequestParser(limits.max_bulk_len, limits.max_multibulk_len, limits.max_inline_len,
+                                    limits.max_query_buffer)
         self.table = host.table
         self.max_inflight = limits.max_inflight
         self.output_hard = limits.client_output_hard
@@ -98,6 +99,8 @@ class Session(asyncio.Protocol):
         self.drained: asyncio.Future | None = None
         self.closing = False      # QUIT or a protocol error: close once the replies are written
         self.last_active = self.connected_at = host.clock
+        self.buffered = 0         # bytes of an unfinished request the parser holds (host.query_buffered)
+        self.partial_since: float | None = None   # when the unfinished request began (limits.request_timeout)
         self.suspicious = False   # the last request's bytes contain a reserved prefix (guard.py)
 
     # -- connection lifecycle --------------------------------------------------------------------
@@ -117,6 +120,8 @@ class Session(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.transport = None
+        self.host.query_buffered -= self.buffered
+        self.buffered = 0
         self.host.sessions.discard(self)
         self.order.clear()
         self.backlog = None
@@ -158,6 +163,8 @@ class Session(asyncio.Protocol):
         if self.backlog is not None and self.hold is None:
             backlog, self.backlog = self.backlog, None
             self._dispatch(backlog, 0)          # may pause again (in-flight cap, a new step ...)
+            if self.parser.deferred and self.backlog is None and not self.paused:
+                self.data_received(b"")         # requests held back until an AUTH had run
         if not self.paused and self.transport is not None:
             self.transport.resume_reading()
 
@@ -171,13 +178,16 @@ class Session(asyncio.Protocol):
             return
         if self.closing:
             return
+        self.parser.unauthenticated = not self.authed    # Redis's request limits before AUTH
         frames, raw = self.parser.feed(data)
+        self._account(data)
         if self.parser.error is not None:
             frames.append([PROTOCOL_ERROR, self.parser.error])
             raw = None
         if not frames:
             return
-        self.suspicious = reserved_in(data, host.guard.prefixes)
+        # Deferred requests (data == b"") came in an earlier read: check them all.
+        self.suspicious = reserved_in(data, host.guard.prefixes) if data else True
         if self.backlog is not None:            # earlier frames still wait: keep the order
             self.backlog.extend(frames)
             return
@@ -190,6 +200,29 @@ class Session(asyncio.Protocol):
                 self._send(conn, raw, len(frames))
                 return
         self._dispatch(frames, 0)
+        if self.parser.deferred and self.backlog is None:
+            self.data_received(b"")     # requests held back until an AUTH among `frames` had run
+
+    def _account(self, data: bytes) -> None:
+        """Unfinished requests: the proxy-wide byte total, and the time the current one began."""
+        held = self.parser.buffered
+        self.host.query_buffered += held - self.buffered
+        self.buffered = held
+        if self.parser.partial:
+            if self.partial_since is None:
+                self.partial_since = self.host.clock
+        else:
+            self.partial_since = None
+        limit = self.host.cfg.limits.max_query_buffer_total
+        if limit and self.host.query_buffered > limit:
+            self.host.over_query_budget()
+
+    def drop(self, reply: bytes, event: str) -> None:
+        """Answer `reply` and close at once (a limit was passed): pending replies are not awaited."""
+        setattr(self.host.stats.clients, event, getattr(self.host.stats.clients, event) + 1)
+        if self.transport is not None:
+            self._write(reply)
+            self.transport.close()
 
     def _fast_conn(self, frames: list):
         """The one shared connection all of `frames` go to as plain pass-through, or None."""

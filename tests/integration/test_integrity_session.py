@@ -308,3 +308,43 @@ def test_client_errors_name_the_clients_mistake(make_proxy, redis_server):
     text = str(caught.value)
     assert "upstream unavailable" in text
     assert str(redis_server.port) not in text and "127.0.0.1" not in text
+
+
+# ----------------------------------------------------------------------------- memory and slow loris
+
+def test_unfinished_requests_are_capped_across_clients(make_proxy, redis_server):
+    """Clients that declare huge bulks and send them slowly hold at most max_query_buffer_total bytes
+    together: past it the client holding the most is closed; the others and new clients are served."""
+    mb = 1 << 20
+    p = make_proxy(redis_server, limits={"max_query_buffer": 8 * mb, "max_query_buffer_total": 12 * mb})
+    holders = []
+    for size in (5, 5, 3):
+        c = RawClient("127.0.0.1", p.port, timeout=5)
+        c.send(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$%d\r\n" % (6 * mb) + b"x" * (size * mb))
+        holders.append(c)
+        time.sleep(0.2)
+    closed = [c for c in holders if c.wait_closed(timeout=1.0)]
+    assert len(closed) == 1
+    assert closed[0] is not holders[2]          # the smallest holder is not the one dropped
+    with p.raw() as probe:
+        assert probe.cmd("SET", "probe", "1").value == "OK"
+    for c in holders:
+        c.close()
+
+
+def test_a_request_that_never_finishes_is_closed(make_proxy, redis_server):
+    p = make_proxy(redis_server, limits={"request_timeout": 1})
+    slow = RawClient("127.0.0.1", p.port, timeout=5)
+    slow.send(b"*2\r\n$3\r\nGET\r\n$100\r\n")
+    try:
+        for _ in range(8):              # a byte now and then does not keep it alive
+            time.sleep(0.4)
+            slow.send(b"x")
+    except OSError:                     # closed while trickling: what this test wants
+        pass
+    assert slow.wait_closed(timeout=4.0)
+    # A client that is merely idle between requests stays.
+    with p.raw() as idle:
+        assert idle.cmd("PING").value == "PONG"
+        time.sleep(1.8)
+        assert idle.cmd("PING").value == "PONG"
