@@ -202,7 +202,19 @@ class PostgresBackend:
         rows = await conn.fetch(sql, keys, [newest[k] for k in keys])
         return {bytes(row[0]) for row in rows}
 
-    # -- writes ------------------------------------------------------------------------------------
+    # -- batches ------------------------------------------------------------------------------------
+    def _args(self, spec: WriteSpec, op: WriteOp, types: list[str]) -> list:
+        values = [op.params[name] for name in spec.key_params]
+        if op.op == "upsert":
+            if spec.fields is None:
+                values.append(op.whole)
+            else:
+                values += [op.fields.get(name) for name in spec.fields]
+        try:
+            return [_coerce(v, t) for v, t in zip(values, types, strict=True)]
+        except (ValueError, TypeError, ArithmeticError) as exc:
+            raise BackendPermanentError(self.name, f"cannot bind the value: {exc}") from None
+
     async def _apply(self, conn, spec: WriteSpec, ops: list[WriteOp]) -> list[WriteResult]:
         """One transaction: claim the versions, then run the ops of the keys that won (consecutive
         ops of one kind through executemany)."""
