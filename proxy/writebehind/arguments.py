@@ -26,7 +26,7 @@ ARITY = {b"SET": (3, None), b"SETEX": (4, 4), b"PSETEX": (4, 4), b"SETNX": (3, 3
 
 LLONG_MAX = 2 ** 63 - 1
 LLONG_MIN = -2 ** 63
-_INTEGER = re.compile(rb"0|-?[1-9][0-9]{0,19}\Z")
+_INTEGER = re.compile(rb"(?:0|-?[1-9][0-9]{0,19})\Z")
 _EXPIRY_FLAGS = {b"EX": "s", b"PX": "ms", b"EXAT": "s", b"PXAT": "ms"}
 
 

@@ -155,6 +155,7 @@ class Writer:
             if getattr(cfg.write_behind, field) != value:
                 log.warning("write_behind.%s changes only on restart (keeping %r)", field, value)
         self.cfg = cfg.write_behind.model_copy(update=kept)
+        self.leases.idle_ms = self.cfg.claim_idle_ms
         self._warn_unused()
 
     async def close(self, deadline: float) -> None:
