@@ -14,7 +14,8 @@ it is applied again (idempotent). A delete leaves its version behind, so an olde
 the row back. Keys are claimed in sorted order, so concurrent batches do not deadlock on them.
 
 A session idle inside a transaction (its sidecar paused mid-batch) is ended by the server after
-statement_timeout_ms, so it cannot hold those row locks, and so the partition, for longer.
+statement_timeout_ms (60 s without one), so it cannot hold those row locks, and so the partition,
+for longer.
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ _PRIVILEGES = """SELECT has_table_privilege($1, 'SELECT') AND has_table_privileg
     AND has_table_privilege($1, 'UPDATE')"""
 
 
+IDLE_IN_TRANSACTION_MS = 60000     # when statement_timeout_ms is 0 (none)
+
+
 class VersionsUnusable(BackendPermanentError):
     """The versions table cannot be created or written: a setup problem, not a bad row."""
 
@@ -87,8 +91,8 @@ class PostgresBackend:
             settings = {"application_name": "cacheproxy"}
             if cfg.statement_timeout_ms:
                 settings["statement_timeout"] = str(cfg.statement_timeout_ms)
-                # A sidecar paused inside a batch must not keep its row locks (see the module docstring).
-                settings["idle_in_transaction_session_timeout"] = str(cfg.statement_timeout_ms)
+            # A sidecar paused inside a batch must not keep its row locks (see the module docstring).
+            settings["idle_in_transaction_session_timeout"] = str(cfg.statement_timeout_ms or IDLE_IN_TRANSACTION_MS)
             try:
                 self.pool = await asyncpg.create_pool(
                     cfg.dsn, min_size=cfg.min_pool, max_size=cfg.max_pool, timeout=cfg.connect_timeout,
@@ -237,7 +241,8 @@ class PostgresBackend:
         if not ops:
             return []
         try:
-            await self._run(self._ensure_versions)
+            if self.versions and not self._versions_ready:
+                await self._run(self._ensure_versions)
         except VersionsUnusable as exc:
             # Not the rows' fault: they wait (and the retry metrics say why) until it is fixed.
             raise BackendUnavailable(self.name, str(exc)) from None
