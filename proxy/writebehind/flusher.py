@@ -271,12 +271,16 @@ class Writer:
                 await self._give_back(partition, streams)
 
     async def _drain_streams(self, partition: int, streams: dict[bytes, _Stream]) -> None:
-        ready: set[bytes] = set()       # cluster: streams set up (group, claimed entries) in this ownership
+        ready: set[bytes] = set()       # cluster: streams set up (group, claimed entries) recently
         poll = min(0.25, self.cfg.claim_idle_ms / 3000)
         cluster = self.layout.cluster
+        reclaim_at = time.monotonic() + self.cfg.claim_idle_ms / 1000
         while True:
             if not await self.leases.confirm(partition):
                 return                   # the lease is renewed by Leases.keep; lost, the partition starts over
+            if time.monotonic() >= reclaim_at:
+                reclaim_at = time.monotonic() + self.cfg.claim_idle_ms / 1000
+                await self._reclaim(streams, ready)
             if not self._stopping and len(self.owned) > self.share:
                 await self._release(partition)
                 return
@@ -307,6 +311,18 @@ class Writer:
                     await self._wait(partition, min(left / 1000, poll))
                     entries += await self._read_many(streams, cfg.batch_size - len(entries))
             await self._flush(partition, entries)
+
+    async def _reclaim(self, streams: dict[bytes, _Stream], ready: set[bytes]) -> None:
+        """Every claim_idle_ms, take over entries another consumer read but never acknowledged: a
+        former owner paused between its lease check and its read leaves them in its own pending list,
+        where nobody would ever read them again. (Older than what was landed since? The database's
+        version check skips them.) On a cluster, streams are set up again as they come back dirty."""
+        if self.layout.cluster:
+            ready.clear()
+            return
+        for stream in streams.values():
+            await self._activate(stream.name)
+            stream.history = True
 
     async def _take_news(self, partition: int, streams: dict[bytes, _Stream], ready: set[bytes]) -> None:
         """Cluster mode: pop the slots written since the last look from the partition's dirty set, and

@@ -246,3 +246,21 @@ def test_write_through_fallback_is_not_overwritten_by_older_queued_entries(make_
     assert names(pg)[1] == "through-1", "an older queued write landed over the write-through"
     assert json.loads(c.get("user:1"))["name"] == "through-1", "readers must see the newer write"
     assert metric_sum(p, "cacheproxy_writebehind_superseded_total") >= 1
+
+
+def test_entries_left_in_another_consumers_pending_list_are_taken_over(make_proxy, redis_server, pg):
+    """A former owner paused between its lease check and its read leaves entries in its own pending
+    list; the partition's owner must take them over (and land them) while it keeps the partition."""
+    p = start(make_proxy, redis_server, pg, partitions=1, **FAST)
+    direct = redis_server.client()
+    c = p.client(protocol=2)
+    c.set("user:2", doc(2, "warm-up"))                       # the owner is up and reading
+    wait_for(lambda: names(pg)[2] == "warm-up-2", what="the warm-up write")
+    stream = "cacheproxy:wb:{0}"
+    tx = direct.pipeline(transaction=True)                   # nothing can read between the two
+    tx.xadd(stream, {"k": "user:1", "o": "set", "x": "", "v": doc(1, "orphan")})
+    tx.xreadgroup("cacheproxy", "paused-old-owner", {stream: ">"}, count=10)
+    tx.execute()
+    assert direct.xpending(stream, "cacheproxy")["pending"] == 1
+    wait_for(lambda: names(pg)[1] == "orphan-1", timeout=15, what="the orphaned entry to land")
+    wait_for(lambda: queued(direct) == 0, what="the queue to drain")
