@@ -183,15 +183,18 @@ class PostgresBackend:
             except asyncpg.PostgresError as exc:
                 if isinstance(exc, _TRANSIENT):
                     raise
+                role, schema = await conn.fetchrow("SELECT current_user, current_schema()")
+                schema = table.rpartition(".")[0] or schema
                 raise VersionsUnusable(
                     self.name, f"cannot create the versions table {table!r} ({type(exc).__name__}: {exc}); "
-                    f"fix: let the role create it (GRANT CREATE ON SCHEMA ... TO <role>), or create it once: "
-                    f"{_CREATE_VERSIONS.format(table=table)}; GRANT SELECT, INSERT, UPDATE ON {table} TO <role>; "
+                    f"fix: let the role create it (GRANT CREATE ON SCHEMA {schema} TO {role}), or create it once: "
+                    f"{_CREATE_VERSIONS.format(table=table)}; GRANT SELECT, INSERT, UPDATE ON {table} TO {role}; "
                     f"or set backends.{self.name}.versions_table: '' to write unfenced") from None
         if not await conn.fetchval(_PRIVILEGES, table):
+            role = await conn.fetchval("SELECT current_user")
             raise VersionsUnusable(
                 self.name, f"the role may not write the versions table {table!r}; fix: GRANT SELECT, INSERT, "
-                f"UPDATE ON {table} TO <role>")
+                f"UPDATE ON {table} TO {role}")
         self._versions_ready = True
 
     async def _fence(self, conn, ops: list[WriteOp]) -> set[bytes]:

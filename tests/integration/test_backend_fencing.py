@@ -119,14 +119,15 @@ async def test_a_role_that_cannot_create_the_versions_table_is_told_how(schema, 
     role, dsn = weak_role
     backend = pg_backend(schema, dsn)
     try:
-        with pytest.raises(BackendPermanentError, match=r"cannot create the versions table .*GRANT CREATE ON SCHEMA"):
+        with pytest.raises(BackendPermanentError, match=rf"cannot create the versions table .*GRANT CREATE ON SCHEMA "
+                                                        rf"{schema} TO {role}\)"):
             await backend.check_write(kv_spec(schema))
         conn = await asyncpg.connect(DSN)
         await conn.execute(f"CREATE TABLE {schema}.versions (key bytea PRIMARY KEY, version bigint NOT NULL); "
                            f"GRANT SELECT ON {schema}.versions TO {role}")
         await conn.close()
-        with pytest.raises(BackendPermanentError, match=r"may not write the versions table .*GRANT SELECT, INSERT, "
-                                                        r"UPDATE ON"):
+        with pytest.raises(BackendPermanentError, match=rf"may not write the versions table .*GRANT SELECT, INSERT, "
+                                                        rf"UPDATE ON {schema}.versions TO {role}"):
             await backend.check_write(kv_spec(schema))
         conn = await asyncpg.connect(DSN)
         await conn.execute(f"GRANT INSERT, UPDATE ON {schema}.versions TO {role}")
