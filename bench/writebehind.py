@@ -152,7 +152,8 @@ async def main_async(args, workdir: Path) -> str:
                     "listen": {"host": "127.0.0.1", "port": proxy_port},
                     "upstream": {"url": f"redis://127.0.0.1:{redis_port}/0"},
                     "admin": {"enabled": False}, "log": {"level": "warning"},
-                    "backends": {"main": {"type": "postgres", "dsn": DSN, "max_pool": 10},
+                    "backends": {"main": {"type": "postgres", "dsn": DSN, "max_pool": 10,
+                                          "versions_table": f"{schema}.cacheproxy_versions"},
                                  "ddb": {"type": "dynamodb", "endpoint_url": endpoint}},
                     "write_behind": {"batch_size": args.batch_size, "max_delay_ms": 100, "claim_idle_ms": 300},
                     "routes": [

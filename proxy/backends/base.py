@@ -10,6 +10,17 @@ secret such as a DSN password:
                           overflow, a NUL in text): no row can have this key, so it is not found. The
                           client's input, not a failure of the backend; the backend checks it before
                           sending anything.
+A backend knows nothing of RESP or of the cache. Errors split into transient ones (retry later:
+connection lost, timeout, lock timeout, throttling) and permanent ones (the request itself is wrong);
+neither ever carries a secret such as a DSN password. The write-behind flusher retries transient
+errors without limit and dead-letters only permanent ones, so a misclassified error either stalls a
+partition (visible in the retry metrics) or dead-letters a row: when in doubt, transient.
+
+Fencing: every write carries a version that grows per key (a queue entry's stream id, or a clock for
+write-through). A backend applies a write only if the version it holds for the key is not newer, and
+it keeps the version of a delete, so an older write (a paused owner waking up, a replayed entry, an
+entry queued before a write-through) can never overwrite a newer one. A write it skips for that
+reason is reported as SUPERSEDED, not as an error.
 """
 
 from __future__ import annotations
@@ -73,6 +84,18 @@ class WriteSpec:
     version_attribute: str | None = None
 
 
+class Superseded:
+    """The result of a write skipped because the database already holds a newer version of the key."""
+
+    def __repr__(self) -> str:
+        return "SUPERSEDED"
+
+
+SUPERSEDED = Superseded()
+
+WriteResult = BackendError | Superseded | None     # None: the write landed
+
+
 @dataclass
 class WriteOp:
     """One write to apply: an upsert of `fields` or a delete, for the key's parameters."""
@@ -82,6 +105,9 @@ class WriteOp:
     whole: object = None                 # upsert without `fields`: the value bound as one parameter
     version: int = 0                     # grows with every write of a key (from the queue entry id)
     item_key: dict | None = None         # dynamodb: the item's key attributes, filled from the key's parameters
+    key: bytes = b""                     # the cache key: what the version is kept under
+    supersede: bool = False              # write-through: always applies, and its version becomes newer than
+                                         # the stored one (so every entry queued before it is skipped)
 
 
 class Backend(Protocol):
@@ -105,7 +131,8 @@ class Backend(Protocol):
     async def check_write(self, spec: WriteSpec) -> None:
         """Startup validation of a route's write statements; BackendPermanentError when they cannot work."""
 
-    async def write_batch(self, spec: WriteSpec, ops: list[WriteOp]) -> list[BackendError | None]:
-        """Apply `ops` (at most one per key unless the caller keeps order itself); one result per op:
-        None when it landed, a BackendPermanentError for a row that can never land. Raises
-        BackendUnavailable when the whole batch should be retried later."""
+    async def write_batch(self, spec: WriteSpec, ops: list[WriteOp]) -> list[WriteResult]:
+        """Apply `ops` (a key's ops in the order given); one result per op: None when it landed,
+        SUPERSEDED when the database holds a newer version of the key, a BackendPermanentError for a
+        row that can never land. Raises BackendUnavailable when the whole batch should be retried
+        later; never raises BackendPermanentError for the whole batch."""

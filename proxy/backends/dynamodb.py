@@ -21,12 +21,13 @@ from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
 from .base import (
-    BackendError,
+    SUPERSEDED,
     BackendKeyRejected,
     BackendPermanentError,
     BackendUnavailable,
     ReadSpec,
     WriteOp,
+    WriteResult,
     WriteSpec,
 )
 
@@ -164,36 +165,45 @@ class DynamoBackend:
             item[spec.version_attribute] = {"N": str(op.version)}
         return item
 
-    async def write_batch(self, spec: WriteSpec, ops: list[WriteOp]) -> list[BackendError | None]:
+    async def write_batch(self, spec: WriteSpec, ops: list[WriteOp]) -> list[WriteResult]:
         """BatchWriteItem in chunks of 25 (UnprocessedItems retried), or, with a version attribute,
-        conditional PutItem/DeleteItem per key: a write older than the stored version is skipped,
-        so a replayed queue entry can never roll a newer item back."""
+        conditional PutItem/DeleteItem per key (fencing): a write older than the stored version is
+        skipped (SUPERSEDED), so a replayed queue entry or a paused owner can never roll a newer item
+        back. A delete removes the item and its version with it: an older put arriving after it
+        (only a sidecar paused past its lease between its lease check and its call) can bring the
+        item back; DynamoDB has no row left to keep the version on."""
+        if not ops:
+            return []
         types = await self._attribute_types(spec.table)
-        requests = []
-        try:
-            for op in ops:
+        results: list[WriteResult] = [None] * len(ops)
+        requests: dict[int, dict] = {}
+        for index, op in enumerate(ops):
+            try:
                 if op.op == "upsert":
-                    requests.append({"PutRequest": {"Item": self._item(spec, op, types)}})
+                    requests[index] = {"PutRequest": {"Item": self._item(spec, op, types)}}
                 else:
-                    requests.append({"DeleteRequest": {"Key": self._item_key(spec, op, types)}})
-        except (ValueError, TypeError) as exc:
-            return [BackendPermanentError(self.name, f"cannot build the item: {exc}")] * len(ops)
+                    requests[index] = {"DeleteRequest": {"Key": self._item_key(spec, op, types)}}
+            except (ValueError, TypeError) as exc:     # only this row can never be written
+                results[index] = BackendPermanentError(self.name, f"cannot build the item: {exc}")
+        order = list(requests)
         if spec.version_attribute:
-            return list(await asyncio.gather(*(self._conditional(spec, op, r) for op, r in zip(ops, requests,
-                                                                                                strict=True))))
-        results: list[BackendError | None] = []
-        for start in range(0, len(requests), 25):
-            results += await self._batch(spec.table, requests[start:start + 25])
+            done = await asyncio.gather(*(self._conditional(spec, ops[i], requests[i]) for i in order))
+        else:
+            done = []
+            for start in range(0, len(order), 25):
+                done += await self._batch(spec.table, [requests[i] for i in order[start:start + 25]])
+        for index, result in zip(order, done, strict=True):
+            results[index] = result
         return results
 
-    async def _batch(self, table: str, chunk: list) -> list[BackendError | None]:
+    async def _batch(self, table: str, chunk: list) -> list[WriteResult]:
         pending = chunk
         for attempt in range(8):
             try:
                 reply = await self._call("batch_write_item", RequestItems={table: pending})
-            except BackendPermanentError:
+            except BackendPermanentError as exc:
                 if len(chunk) == 1:
-                    raise
+                    return [exc]
                 # One bad item fails the whole call: write them one by one to find it.
                 return [await self._single(table, request) for request in chunk]
             pending = reply.get("UnprocessedItems", {}).get(table, [])
@@ -202,7 +212,7 @@ class DynamoBackend:
             await asyncio.sleep(min(2.0, 0.05 * 2 ** attempt) * (0.5 + random.random()))
         raise BackendUnavailable(self.name, f"{len(pending)} items stayed unprocessed (throttled)")
 
-    async def _single(self, table: str, request: dict) -> BackendError | None:
+    async def _single(self, table: str, request: dict) -> WriteResult:
         try:
             if "PutRequest" in request:
                 await self._call("put_item", TableName=table, Item=request["PutRequest"]["Item"])
@@ -212,10 +222,13 @@ class DynamoBackend:
             return exc
         return None
 
-    async def _conditional(self, spec: WriteSpec, op: WriteOp, request: dict) -> BackendError | None:
-        condition = {"ConditionExpression": "attribute_not_exists(#v) OR #v < :v",
-                     "ExpressionAttributeNames": {"#v": spec.version_attribute},
-                     "ExpressionAttributeValues": {":v": {"N": str(op.version)}}}
+    async def _conditional(self, spec: WriteSpec, op: WriteOp, request: dict) -> WriteResult:
+        # An equal version is the same queue entry replayed: applied again (idempotent). A
+        # write-through (supersede) always applies, with its clock version.
+        condition = {} if op.supersede else {
+            "ConditionExpression": "attribute_not_exists(#v) OR #v <= :v",
+            "ExpressionAttributeNames": {"#v": spec.version_attribute},
+            "ExpressionAttributeValues": {":v": {"N": str(op.version)}}}
         try:
             if "PutRequest" in request:
                 await self._call("put_item", TableName=spec.table, Item=request["PutRequest"]["Item"], **condition)
@@ -224,7 +237,7 @@ class DynamoBackend:
                                  **condition)
         except BackendPermanentError as exc:
             if "ConditionalCheckFailed" in str(exc):
-                return None      # the table already holds a newer version of this key
+                return SUPERSEDED      # the table already holds a newer version of this key
             return exc
         return None
 

@@ -7,6 +7,22 @@ Rules of this module:
   BackendBusy ("all N connections in use"), not "unavailable: timed out".
 - A read whose key parameter cannot be expressed in its $n's type (an int above int4, a NUL in text)
   is BackendKeyRejected, decided before anything is sent: no row can have that key.
+Writes are fenced (see backends/base.py) through a small table of the proxy's own, `versions_table`
+(key bytea primary key, version bigint), created if missing. A batch is one transaction: first one
+statement claims the versions of all its keys,
+
+    INSERT INTO versions SELECT * FROM unnest($1::bytea[], $2::int8[]) ON CONFLICT (key)
+        DO UPDATE SET version = EXCLUDED.version WHERE stored.version <= EXCLUDED.version RETURNING key
+
+then only the ops of the keys it returned run (the user's upsert/delete SQL, unchanged). The claim
+locks each key's versions row until commit, so two sidecars writing one key are serialized, and the
+older of them finds the newer version and skips. An equal version is the same queue entry replayed:
+it is applied again (idempotent). A delete leaves its version behind, so an older upsert cannot bring
+the row back. Keys are claimed in sorted order, so concurrent batches do not deadlock on them.
+
+A session idle inside a transaction (its sidecar paused mid-batch) is ended by the server after
+statement_timeout_ms (60 s without one), so it cannot hold those row locks, and so the partition,
+for longer.
 """
 
 from __future__ import annotations
@@ -20,6 +36,7 @@ from decimal import Decimal
 import asyncpg
 
 from .base import (
+    SUPERSEDED,
     BackendBusy,
     BackendError,
     BackendKeyRejected,
@@ -27,13 +44,43 @@ from .base import (
     BackendUnavailable,
     ReadSpec,
     WriteOp,
+    WriteResult,
     WriteSpec,
 )
 
-# SQLSTATE classes that mean "try again later": connection exceptions (08), insufficient
-# resources (53), operator intervention (57: admin shutdown, cannot connect now, statement timeout).
+# SQLSTATEs that mean "try again later": connection exceptions (08), insufficient resources (53),
+# operator intervention (57: admin shutdown, cannot connect now, statement timeout), transaction
+# rollback (40: deadlock, serialization failure), lock_not_available (55P03: lock_timeout), a
+# read-only transaction (25006: a failover still pointing at the old primary), the session ended
+# for idling in a transaction (25P03), and errors outside PostgreSQL itself (58: I/O).
 _TRANSIENT = (asyncpg.exceptions.PostgresConnectionError, asyncpg.exceptions.InsufficientResourcesError,
-              asyncpg.exceptions.OperatorInterventionError)
+              asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.TransactionRollbackError,
+              asyncpg.exceptions.LockNotAvailableError, asyncpg.exceptions.ReadOnlySQLTransactionError,
+              asyncpg.exceptions.IdleInTransactionSessionTimeoutError, asyncpg.exceptions.PostgresSystemError)
+
+_FENCE = """INSERT INTO {table} AS stored (key, version)
+SELECT key, version FROM unnest($1::bytea[], $2::int8[]) AS batch(key, version)
+ON CONFLICT (key) DO UPDATE SET version = EXCLUDED.version WHERE stored.version <= EXCLUDED.version
+RETURNING key"""
+
+# Write-through: the write always applies, and its version ends up above anything stored.
+_SUPERSEDE = """INSERT INTO {table} AS stored (key, version)
+SELECT key, version FROM unnest($1::bytea[], $2::int8[]) AS batch(key, version)
+ON CONFLICT (key) DO UPDATE SET version = GREATEST(stored.version + 1, EXCLUDED.version)
+RETURNING key"""
+
+_CREATE_VERSIONS = """CREATE TABLE {table} (key bytea PRIMARY KEY, version bigint NOT NULL)"""
+_COMMENT_VERSIONS = """COMMENT ON TABLE {table} IS
+'cacheproxy: the newest version written per cache key (write fencing); rows are tiny, keep them'"""
+_PRIVILEGES = """SELECT has_table_privilege($1, 'SELECT') AND has_table_privilege($1, 'INSERT')
+    AND has_table_privilege($1, 'UPDATE')"""
+
+
+IDLE_IN_TRANSACTION_MS = 60000     # when statement_timeout_ms is 0 (none)
+
+
+class VersionsUnusable(BackendPermanentError):
+    """The versions table cannot be created or written: a setup problem, not a bad row."""
 
 # The integer range of each integer parameter type: a key's int outside it matches no row.
 _INT_RANGES = {"int2": (-2**15, 2**15 - 1), "int4": (-2**31, 2**31 - 1), "int8": (-2**63, 2**63 - 1),
@@ -50,6 +97,8 @@ class PostgresBackend:
         self.in_use = 0                                  # pool connections held right now
         self._probe: asyncpg.Connection | None = None    # readiness pings' own connection
         self._probe_lock = asyncio.Lock()
+        self.versions = cfg.versions_table             # None: writes are not fenced
+        self._versions_ready = False
 
     async def start(self) -> None:
         async with self._starting:
@@ -59,6 +108,8 @@ class PostgresBackend:
             settings = {"application_name": "cacheproxy"}
             if cfg.statement_timeout_ms:
                 settings["statement_timeout"] = str(cfg.statement_timeout_ms)
+            # A sidecar paused inside a batch must not keep its row locks (see the module docstring).
+            settings["idle_in_transaction_session_timeout"] = str(cfg.statement_timeout_ms or IDLE_IN_TRANSACTION_MS)
             try:
                 self.pool = await asyncpg.create_pool(
                     cfg.dsn, min_size=cfg.min_pool, max_size=cfg.max_pool, timeout=cfg.connect_timeout,
@@ -179,7 +230,51 @@ class PostgresBackend:
                     f"(key: {', '.join(spec.key_params)}"
                     + (f"; fields: {', '.join(spec.fields)}" if label == "upsert" and spec.fields else "")
                     + "); fix: one $n per key parameter, then one per field")
+        await self._run(self._ensure_versions)
 
+    # -- the versions table ----------------------------------------------------------------------
+    async def _ensure_versions(self, conn) -> None:
+        """Create the versions table if it is missing, and check that this role may write it."""
+        if self._versions_ready or not self.versions:
+            return
+        table = self.versions
+        if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
+            try:
+                async with conn.transaction():
+                    await conn.execute(_CREATE_VERSIONS.format(table=table))
+                    await conn.execute(_COMMENT_VERSIONS.format(table=table))
+            except (asyncpg.exceptions.DuplicateTableError, asyncpg.exceptions.UniqueViolationError):
+                pass                     # another sidecar created it at the same moment
+            except asyncpg.PostgresError as exc:
+                if isinstance(exc, _TRANSIENT):
+                    raise
+                role, schema = await conn.fetchrow("SELECT current_user, current_schema()")
+                schema = table.rpartition(".")[0] or schema
+                raise VersionsUnusable(
+                    self.name, f"cannot create the versions table {table!r} ({type(exc).__name__}: {exc}); "
+                    f"fix: let the role create it (GRANT CREATE ON SCHEMA {schema} TO {role}), or create it once: "
+                    f"{_CREATE_VERSIONS.format(table=table)}; GRANT SELECT, INSERT, UPDATE ON {table} TO {role}; "
+                    f"or set backends.{self.name}.versions_table: '' to write unfenced") from None
+        if not await conn.fetchval(_PRIVILEGES, table):
+            role = await conn.fetchval("SELECT current_user")
+            raise VersionsUnusable(
+                self.name, f"the role may not write the versions table {table!r}; fix: GRANT SELECT, INSERT, "
+                f"UPDATE ON {table} TO {role}")
+        self._versions_ready = True
+
+    async def _fence(self, conn, ops: list[WriteOp]) -> set[bytes]:
+        """Claim the versions of the batch's keys; the keys whose ops may run."""
+        newest: dict[bytes, int] = {}
+        supersede = False
+        for op in ops:
+            newest[op.key] = max(newest.get(op.key, 0), op.version)
+            supersede = supersede or op.supersede
+        keys = sorted(newest)
+        sql = (_SUPERSEDE if supersede else _FENCE).format(table=self.versions)
+        rows = await conn.fetch(sql, keys, [newest[k] for k in keys])
+        return {bytes(row[0]) for row in rows}
+
+    # -- batches ------------------------------------------------------------------------------------
     def _args(self, spec: WriteSpec, op: WriteOp, types: list[str]) -> list:
         values = [op.params[name] for name in spec.key_params]
         if op.op == "upsert":
@@ -192,30 +287,42 @@ class PostgresBackend:
         except (ValueError, TypeError, ArithmeticError) as exc:
             raise BackendPermanentError(self.name, f"cannot bind the value: {exc}") from None
 
-    async def write_batch(self, spec: WriteSpec, ops: list[WriteOp]) -> list[BackendError | None]:
-        """One transaction for the batch (consecutive ops of one kind go through executemany). When a
-        row is refused, each op is retried on its own so only the poison rows fail."""
-        async def apply(conn, ops=ops):
-            async with conn.transaction():
-                run: list = []
-                for index, op in enumerate(ops):
-                    run.append(op)
-                    if index + 1 == len(ops) or ops[index + 1].op != op.op:
-                        sql = spec.upsert if op.op == "upsert" else spec.delete
-                        types = await self._types(conn, sql)
-                        await conn.executemany(sql, [self._args(spec, o, types) for o in run])
-                        run = []
+    async def _apply(self, conn, spec: WriteSpec, ops: list[WriteOp]) -> list[WriteResult]:
+        """One transaction: claim the versions, then run the ops of the keys that won (consecutive
+        ops of one kind through executemany)."""
+        async with conn.transaction():
+            won = await self._fence(conn, ops) if self.versions else None
+            runnable = [op for op in ops if won is None or op.key in won]
+            run: list[WriteOp] = []
+            for index, op in enumerate(runnable):
+                run.append(op)
+                if index + 1 == len(runnable) or runnable[index + 1].op != op.op:
+                    sql = spec.upsert if op.op == "upsert" else spec.delete
+                    types = await self._types(conn, sql)
+                    await conn.executemany(sql, [self._args(spec, o, types) for o in run])
+                    run = []
+        return [None if won is None or op.key in won else SUPERSEDED for op in ops]
+
+    async def write_batch(self, spec: WriteSpec, ops: list[WriteOp]) -> list[WriteResult]:
+        """One transaction for the batch. When a row is refused, each op is retried on its own so
+        only the poison rows fail."""
+        if not ops:
+            return []
         try:
-            await self._run(apply)
-            return [None] * len(ops)
+            if self.versions and not self._versions_ready:
+                await self._run(self._ensure_versions)
+        except VersionsUnusable as exc:
+            # Not the rows' fault: they wait (and the retry metrics say why) until it is fixed.
+            raise BackendUnavailable(self.name, str(exc)) from None
+        try:
+            return await self._run(lambda conn: self._apply(conn, spec, ops))
         except BackendPermanentError as exc:
             if len(ops) == 1:
                 return [exc]
-        results: list[BackendError | None] = []
+        results: list[WriteResult] = []
         for op in ops:
             try:
-                await self._run(lambda conn, op=op: apply(conn, [op]))
-                results.append(None)
+                results += await self._run(lambda conn, op=op: self._apply(conn, spec, [op]))
             except BackendPermanentError as exc:
                 results.append(exc)
         return results

@@ -55,18 +55,27 @@ class RuntimeRoute:
             if missing:
                 raise ValueError(f"the value lacks field(s) {', '.join(missing)} that write.upsert binds")
             return fields
-        return {self.read.column or "value": value.decode(errors="replace")}
+        return {self.string_field: value.decode(errors="replace")}
 
-    def upsert_op(self, params: dict, value: bytes, version: int) -> WriteOp:
+    @property
+    def string_field(self) -> str:
+        """Where a string route's value goes: its one write field (config checks allow only one),
+        else the column it is read from."""
+        if self.write is not None and self.write.fields:
+            return self.write.fields[0]
+        return self.read.column or "value"
+
+    def upsert_op(self, key: bytes, params: dict, value: bytes, version: int) -> WriteOp:
         """The database write for a string value of this route; ValueError names what is wrong with it."""
-        return self.write_op("upsert", params, fields=self.value_fields(value),
+        return self.write_op("upsert", key, params, fields=self.value_fields(value),
                              whole=value.decode(errors="replace"), version=version)
 
-    def write_op(self, op: str, params: dict, **fields) -> WriteOp:
-        """A database write for the key with these parameters (the backend gets the item key filled in)."""
-        key = self.write_spec.key
-        item_key = {attr: fill(template, params) for attr, template in key.items()} if key else None
-        return WriteOp(op, params, item_key=item_key, **fields)
+    def write_op(self, op: str, key: bytes, params: dict, **fields) -> WriteOp:
+        """A database write for the cache key `key` with these parameters (the backend gets the item
+        key filled in; the cache key is what its version is kept under)."""
+        templates = self.write_spec.key
+        item_key = {attr: fill(template, params) for attr, template in templates.items()} if templates else None
+        return WriteOp(op, params, item_key=item_key, key=key, **fields)
 
     async def fetch(self, params: dict) -> list[dict]:
         values = [params[name] for name in (self.read.params or [])]

@@ -73,6 +73,8 @@ def _check_backends(cfg: Config) -> list[Problem]:
             problems.append(Problem(f"backends.{name}.min_pool",
                                     f"must be <= max_pool ({backend.max_pool}) (got {backend.min_pool})",
                                     "lower min_pool or raise max_pool"))
+        if isinstance(backend, PostgresBackend) and backend.versions_table:
+            problems += _identifiers(f"backends.{name}.versions_table", [backend.versions_table])
     return problems
 
 
@@ -209,9 +211,32 @@ def _check_write(at: str, route: Route, kind: str, params: list[str]) -> list[Pr
         return [Problem(f"{at}.{name}", "is set but write.mode is read-only",
                         f"set write.mode to write-behind or write-through, or remove {name}")
                 for name in optional if getattr(write, name) is not None]
+    problems = _check_string_write(at, route, kind)
     if kind == "postgres":
-        return _check_pg_write(at, write, params)
-    return _check_ddb_write(at, route)
+        return problems + _check_pg_write(at, write, params)
+    return problems + _check_ddb_write(at, route)
+
+
+def _check_string_write(at: str, route: Route, kind: str) -> list[Problem]:
+    """A string route's value is one column or attribute: the write must name exactly one place
+    for it (a second field would be written NULL, every time)."""
+    read, write = route.read, route.write
+    if read is None or read.as_ != "string":
+        return []
+    fields = write.fields or []
+    if len(fields) > 1:
+        return [Problem(f"{at}.fields", f"a string route stores one value, but {len(fields)} fields are listed "
+                        f"({', '.join(fields)})", "list the one column the value is written to, e.g. fields: [value]")]
+    if kind != "dynamodb":
+        return []
+    read_at = at.rpartition(".")[0] + ".read.column"
+    if not fields and read.column is None:
+        return [Problem(read_at, "a string route on DynamoDB needs the attribute that holds the value",
+                        "set read.column to that attribute")]
+    if fields and read.column is not None and fields[0] != read.column:
+        return [Problem(f"{at}.fields", f"the value would be written to {fields[0]!r} but read from "
+                        f"{read.column!r}", "use the same attribute in write.fields and read.column")]
+    return []
 
 
 def _check_pg_write(at: str, write: RouteWrite, params: list[str]) -> list[Problem]:

@@ -347,6 +347,10 @@ class PostgresBackend(_Model):
     connect_timeout: float = Field(5.0, gt=0, description="set seconds to wait for a Postgres connection (> 0)")
     queue_timeout: float = Field(5.0, gt=0, description="set seconds a cache miss waits for a free connection "
                                                         "before the client gets 'backend NAME busy' (> 0)")
+    versions_table: OptStr = Field("cacheproxy_versions",
+                                   description="name the table (schema.table allowed) that keeps the newest "
+                                               "version written per key, so an older write never lands over a "
+                                               "newer one; created if missing; '' turns fencing off")
 
     _dsn = field_validator("dsn")(_valid_dsn)
 
@@ -433,7 +437,9 @@ class Route(_Model):
 class WriteBehind(_Model):
     batch_size: int = Field(100, ge=1, description="set the most queued writes sent in one backend batch (>= 1)")
     max_delay_ms: int = Field(200, ge=0, description="set the most ms a write waits for its batch to fill (>= 0)")
-    max_attempts: int = Field(10, ge=1, description="set the tries before a write goes to the dead letters (>= 1)")
+    max_attempts: int = Field(10, ge=1, description="remove this setting: it is no longer used (a database that "
+                                                    "is unavailable is retried without limit; a row it refuses is "
+                                                    "dead-lettered at once)")
     max_pending: int = Field(100000, ge=1, description="set the most unflushed writes before backpressure (>= 1)")
     coalesce: bool = Field(True, description="set false to send every write instead of the last per key")
     claim_idle_ms: int = Field(15000, ge=100, description="set ms after which another sidecar takes over a dead "
@@ -443,7 +449,8 @@ class WriteBehind(_Model):
     partitions: int = Field(16, ge=1, le=1024, description="set how many streams the queue is split into "
                                                             "(1..1024); a key always uses the same one")
     retry_base_ms: int = Field(200, ge=1, description="set the first retry delay in ms (doubles per attempt)")
-    retry_max_ms: int = Field(30000, ge=1, description="set the longest retry delay in ms")
+    retry_max_ms: int = Field(30000, ge=1, description="set the longest retry delay in ms (retries never stop "
+                                                       "while the database is unavailable)")
     consumer: str | None = Field(None, description="name this sidecar in the queue's consumer group "
                                                    "(default: hostname:port; keep it stable across restarts)")
 

@@ -75,6 +75,13 @@ WB_LANDED = Family("cacheproxy_writebehind_landed", "counter", "Queued writes th
 WB_RETRIES = Family("cacheproxy_writebehind_retries", "counter", "Backend batch writes retried", ("route",))
 WB_DEAD_LETTERED = Family("cacheproxy_writebehind_dead_lettered", "counter", "Writes sent to the dead letters",
                           ("route",))
+WB_SUPERSEDED = Family("cacheproxy_writebehind_superseded", "counter",
+                       "Queued writes skipped because the database held a newer version of the key", ("route",))
+WB_RETRYING = Family("cacheproxy_writebehind_retrying_seconds", "gauge",
+                     "How long this sidecar's oldest batch has been retrying an unavailable database (0: none "
+                     "is); alert on it")
+WB_LEASES_LOST = Family("cacheproxy_writebehind_leases_lost", "counter",
+                        "Partition leases found lapsed or taken by another sidecar while this one owned them")
 WB_BATCH_SIZE = Family("cacheproxy_writebehind_batch_size", "histogram", "Writes per backend batch",
                        ("backend",), BATCH_BUCKETS)
 WB_FLUSH_SECONDS = Family("cacheproxy_writebehind_flush_seconds", "histogram", "Backend batch write latency",
@@ -86,6 +93,7 @@ CATALOGUE: tuple[Family, ...] = (
     *ROUTE.values(), BACKEND_ERRORS, LOAD_SECONDS,
     READINESS_REQUESTS, READINESS_CHECKS, DURABILITY, DURABILITY_CHECKS,
     WB_PENDING, WB_LAG, WB_DEAD_LETTERS, WB_PARTITIONS, WB_LANDED, WB_RETRIES, WB_DEAD_LETTERED,
+    WB_SUPERSEDED, WB_RETRYING, WB_LEASES_LOST,
     WB_BATCH_SIZE, WB_FLUSH_SECONDS,
 )
 

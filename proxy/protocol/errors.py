@@ -32,12 +32,18 @@ WRONGTYPE = line("WRONGTYPE Operation against a key holding the wrong kind of va
 CROSSSLOT = line("CROSSSLOT Keys in request don't hash to the same slot")
 EXECABORT = line("EXECABORT Transaction discarded because of previous errors.")
 NOT_INTEGER = line("ERR value is not an integer or out of range")
+NOT_FLOAT = line("ERR value is not a valid float")
+OFFSET_OUT_OF_RANGE = line("ERR offset is out of range")
 SYNTAX = line("ERR syntax error")
 MAX_CLIENTS = line("ERR max number of clients reached")
 
 
 def wrong_arity(command: bytes | str) -> bytes:
     return line(f"ERR wrong number of arguments for '{_name(command)}' command")
+
+
+def invalid_expire(command: bytes | str) -> bytes:
+    return line(f"ERR invalid expire time in '{_name(command)}' command")
 
 
 def protocol_error(message: str) -> bytes:
@@ -96,6 +102,16 @@ def request_timeout(seconds: float) -> bytes:
 def refused(reason: str) -> bytes:
     """A command the proxy refuses for a reason of its own (reserved keys, a rule of a route ...)."""
     return line(f"ERR {reason}")
+
+
+def bad_value(route: str, reason: str) -> bytes:
+    """The client's value cannot be stored by the route (not JSON, a field missing ...)."""
+    return line(f"ERR value for route {route!r}: {reason}; nothing was written")
+
+
+def queue_full(depth: int, partition: int, max_pending: int) -> bytes:
+    return line(f"ERR write-behind queue full: {depth} writes wait in partition {partition} "
+                f"(write_behind.max_pending {max_pending}); retry later")
 
 
 # -- trouble on the proxy's side -------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """`cacheproxy dlq list|replay|drop`: the write-behind dead letters, from the shell.
 
-A dead letter is a queued write the database refused (or that kept failing past max_attempts). It
-holds the original entry and why it failed. `replay` puts entries back on their key's queue
+A dead letter is a queued write the database refused (a constraint, a type: never an outage, which
+is retried without limit). It holds the original entry and why it failed. `replay` puts entries back on their key's queue
 partition as the key's newest write (fix the row or the schema first); `drop` forgets them.
 """
 

@@ -1,18 +1,29 @@
 """The write-behind flusher: takes queued writes from the partition streams to the databases.
 
 Each sidecar heartbeats into a members set and owns at most its fair share of the partitions
-(ceil(partitions / live sidecars)) through leases. An owner reads its partition through the consumer
-group (its own pending entries first: they are what it, or a dead owner whose entries it claimed,
-read but never acknowledged), waits up to `max_delay_ms` for a batch to fill, keeps only each key's
-last write (`coalesce`), and writes each route's share with one backend batch. Landed entries are
-acknowledged and deleted, and their keys get their TTL back (wbqueue.DONE). A database that is down
-or slow is retried with exponential backoff and jitter, the partition waiting in order; a row the
-database refuses (or a batch still failing after `max_attempts`) goes to the dead letters with its
-error, and its cached value is dropped so reads see what the database holds.
+(ceil(partitions / live sidecars)) through leases (leases.py). An owner reads its partition through
+the consumer group (its own pending entries first: they are what it, or a dead owner whose entries
+it claimed, read but never acknowledged), waits up to `max_delay_ms` for a batch to fill, keeps only
+each key's last write (`coalesce`), and writes each route's share with one backend batch. Landed
+entries are acknowledged and deleted, and their keys get their TTL back (wbqueue.DONE).
+
+Errors, and what an acknowledged write can and cannot become:
+- The database unavailable (BackendUnavailable: down, timed out, locked, throttled): the batch is
+  retried without limit, with capped exponential backoff and jitter, the partition waiting in order.
+  Nothing is dropped and nothing reverts for readers; /metrics shows how long (retrying_seconds,
+  lag_seconds) and the log says so at a bounded rate.
+- A row the database refuses (BackendPermanentError: a constraint, a type): only that row goes to
+  the dead letters with its error (a batch that fails as a whole is retried row by row to find it),
+  and its cached value is dropped so reads see what the database holds.
+- A write the database skips because it holds a newer version of the key (SUPERSEDED: see
+  backends/base.py) is acknowledged; if it was the key's newest queued write, the cached value is
+  dropped too, since the database's is newer.
+- Before each attempt the owner makes sure it still holds the partition's lease; if not, it drops the
+  batch in hand, unwritten and unacknowledged, for the partition's owner.
 
 A sidecar that dies leaves its leases to expire (`claim_idle_ms`); whoever takes its partitions
-claims its pending entries (XAUTOCLAIM) and replays them. Backend writes are idempotent (upserts,
-deletes, DynamoDB puts conditional on a version), so a replay is harmless.
+claims its pending entries (XAUTOCLAIM) and replays them. Backend writes are idempotent and fenced
+by version, so a replay is harmless and an older write never lands over a newer one.
 
 On a Redis Cluster a partition is many slot streams (see wbqueue): the owner reads the streams of
 the partition's dirty slots together, so a batch still spans many keys, and acknowledges each
@@ -32,7 +43,7 @@ from dataclasses import dataclass
 
 from redis.crc import key_slot
 
-from ..backends.base import BackendError, WriteOp
+from ..backends.base import SUPERSEDED, BackendError, BackendPermanentError, WriteOp
 from ..cache.encoding import from_hash
 from ..cache.keys import companion
 from ..cache.loader import ttl_ms
@@ -43,23 +54,26 @@ from ..ops.metrics import (
     WB_FLUSH_SECONDS,
     WB_LAG,
     WB_LANDED,
+    WB_LEASES_LOST,
     WB_PARTITIONS,
     WB_PENDING,
     WB_RETRIES,
+    WB_RETRYING,
+    WB_SUPERSEDED,
 )
 from ..upstream.single import UpstreamUnavailable
+from .leases import Leases
 from .queue import (
-    CLAIM,
     DONE,
     GROUP,
-    RELEASE,
+    OTHERS,
+    TAKEN,
     Entry,
     Layout,
     dead_name,
     entry_age_ms,
     entry_version,
     members_name,
-    owner_name,
     slot_stream_name,
     slot_stream_pattern,
     stream_name,
@@ -69,6 +83,7 @@ log = logging.getLogger("cacheproxy.writer")
 
 DEAD_MAXLEN = 100_000
 SWEEP_EVERY = 60.0      # cluster mode: how often the masters are scanned for streams nobody was told about
+FAILING_LOG_EVERY = 30.0    # a route whose database keeps failing is logged at most this often
 
 
 @dataclass
@@ -95,35 +110,49 @@ class Writer:
         self.cfg = cfg.write_behind
         self.name = name
         self.layout = Layout(self.cfg.stream_prefix, self.cfg.partitions, cfg.upstream.cluster)
-        self.owned: set[int] = set()
+        self.leases = Leases(pool, self.cfg.stream_prefix, name, self.cfg.claim_idle_ms)
         self.live = 1
         self.pending = 0
         self.lag_s = 0.0
         self.dead_letters = 0
         self.metrics = metrics
+        self._retrying: dict[int, float] = {}     # partition -> wall time its batch in hand first failed
+        self._failing: dict[str, list] = {}       # route -> [since, failed attempts, last logged] (monotonic)
+        self._stopped = asyncio.Event()           # cuts a retry's backoff short on shutdown
         self._events = [asyncio.Event() for _ in range(self.cfg.partitions)]
         self._tasks: list[asyncio.Task] = []
         self._partition_tasks: list[asyncio.Task] = []
         self._active: dict[int, dict[bytes, _Stream]] = {}     # partition -> streams being read
         self._sweep_now = asyncio.Event()
         self._stopping = False
-        self._last_error = ""       # why the last backend batch failed (for dead letters after max_attempts)
         self.batch_size = metrics.histogram(WB_BATCH_SIZE)
         self.flush_seconds = metrics.histogram(WB_FLUSH_SECONDS)
         metrics.read(WB_PENDING, lambda: self.pending)
         metrics.read(WB_LAG, lambda: self.lag_s)
         metrics.read(WB_DEAD_LETTERS, lambda: self.dead_letters)
         metrics.read(WB_PARTITIONS, lambda: len(self.owned))
+        metrics.read(WB_RETRYING, self._retrying_seconds)
+        metrics.read(WB_LEASES_LOST, lambda: self.leases.lost)
         metrics.declare(*_OUTCOMES.values())
 
     # -- lifecycle ---------------------------------------------------------------------------------
+    @property
+    def owned(self) -> set[int]:
+        return self.leases.owned
+
     def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self._warn_unused()
         self._partition_tasks = [loop.create_task(self._partition(p)) for p in range(self.cfg.partitions)]
         self._tasks = [loop.create_task(self._heartbeat()), loop.create_task(self._monitor()),
-                       *self._partition_tasks]
+                       loop.create_task(self.leases.keep()), *self._partition_tasks]
         if self.layout.cluster:
             self._tasks.append(loop.create_task(self._sweep()))
+
+    def _warn_unused(self) -> None:
+        if "max_attempts" in self.cfg.model_fields_set:
+            log.warning("write_behind.max_attempts is no longer used: an unavailable database is retried "
+                        "without limit and a refused row is dead-lettered at once; remove the setting")
 
     def notify(self, partition: int) -> None:
         self._events[partition].set()
@@ -140,10 +169,13 @@ class Writer:
             if getattr(cfg.write_behind, field) != value:
                 log.warning("write_behind.%s changes only on restart (keeping %r)", field, value)
         self.cfg = cfg.write_behind.model_copy(update=kept)
+        self.leases.idle_ms = self.cfg.claim_idle_ms
+        self._warn_unused()
 
     async def close(self, deadline: float) -> None:
         """SIGTERM: flush what is already queued until `deadline` (loop time); the rest stays queued."""
         self._stopping = True
+        self._stopped.set()
         for event in self._events:
             event.set()
         loop = asyncio.get_running_loop()
@@ -153,8 +185,7 @@ class Writer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
-            for p in list(self.owned):
-                await RELEASE(self.pool, [owner_name(self.cfg.stream_prefix, p)], [self.name])
+            await self.leases.release_all()
             await self.pool.execute(b"ZREM", members_name(self.cfg.stream_prefix), self.name)
         except UpstreamUnavailable:
             pass
@@ -181,20 +212,19 @@ class Writer:
         return math.ceil(self.cfg.partitions / self.live)
 
     async def _claim(self, partition: int) -> bool:
-        """Take or renew the partition's lease. A new owner claims every pending entry of the stream:
-        while the lease was free, nobody else may be flushing it."""
-        owner = owner_name(self.cfg.stream_prefix, partition)
+        """Take or renew the partition's lease. A new owner (or one whose lease had lapsed) claims
+        every pending entry of the stream: while the lease was free, nobody else may be flushing it."""
         if partition not in self.owned and len(self.owned) >= self.share:
             return False
-        if not await CLAIM(self.pool, [owner], [self.name, self.cfg.claim_idle_ms]):
-            self.owned.discard(partition)
+        result = await self.leases.take(partition)
+        if result == OTHERS:
             return False
-        if partition not in self.owned:
+        if partition not in self.owned or result == TAKEN:
             if self.layout.cluster:
                 self._sweep_now.set()     # a dead owner may have left streams out of the dirty set
             else:
                 await self._activate(stream_name(self.cfg.stream_prefix, partition))
-            self.owned.add(partition)
+            self.leases.own(partition)
             log.debug("write-behind: now flushing partition %d", partition)
         return True
 
@@ -255,17 +285,16 @@ class Writer:
                 await self._give_back(partition, streams)
 
     async def _drain_streams(self, partition: int, streams: dict[bytes, _Stream]) -> None:
-        ready: set[bytes] = set()       # cluster: streams set up (group, claimed entries) in this ownership
-        renew_every = self.cfg.claim_idle_ms / 3000
-        renewed = time.monotonic()
-        poll = min(0.25, renew_every)
+        ready: set[bytes] = set()       # cluster: streams set up (group, claimed entries) recently
+        poll = min(0.25, self.cfg.claim_idle_ms / 3000)
         cluster = self.layout.cluster
+        reclaim_at = time.monotonic() + self.cfg.claim_idle_ms / 1000
         while True:
-            if not self._stopping and time.monotonic() - renewed > renew_every:
-                if not await self._claim(partition):
-                    log.warning("write-behind: lost partition %d", partition)
-                    return
-                renewed = time.monotonic()
+            if not await self.leases.confirm(partition):
+                return                   # the lease is renewed by Leases.keep; lost, the partition starts over
+            if time.monotonic() >= reclaim_at:
+                reclaim_at = time.monotonic() + self.cfg.claim_idle_ms / 1000
+                await self._reclaim(streams, ready)
             if not self._stopping and len(self.owned) > self.share:
                 await self._release(partition)
                 return
@@ -295,7 +324,19 @@ class Writer:
                         break
                     await self._wait(partition, min(left / 1000, poll))
                     entries += await self._read_many(streams, cfg.batch_size - len(entries))
-            await self._flush(entries)
+            await self._flush(partition, entries)
+
+    async def _reclaim(self, streams: dict[bytes, _Stream], ready: set[bytes]) -> None:
+        """Every claim_idle_ms, take over entries another consumer read but never acknowledged: a
+        former owner paused between its lease check and its read leaves them in its own pending list,
+        where nobody would ever read them again. (Older than what was landed since? The database's
+        version check skips them.) On a cluster, streams are set up again as they come back dirty."""
+        if self.layout.cluster:
+            ready.clear()
+            return
+        for stream in streams.values():
+            await self._activate(stream.name)
+            stream.history = True
 
     async def _take_news(self, partition: int, streams: dict[bytes, _Stream], ready: set[bytes]) -> None:
         """Cluster mode: pop the slots written since the last look from the partition's dirty set, and
@@ -330,8 +371,7 @@ class Writer:
             self.sweep_soon()
 
     async def _release(self, partition: int) -> None:
-        await RELEASE(self.pool, [owner_name(self.cfg.stream_prefix, partition)], [self.name])
-        self.owned.discard(partition)
+        await self.leases.release(partition)
         log.info("write-behind: handed partition %d over (fair share is %d)", partition, self.share)
 
     async def _read_many(self, streams: dict[bytes, _Stream], count: int) -> list:
@@ -348,7 +388,7 @@ class Writer:
             if isinstance(rows, BaseException):
                 failure = failure or rows
                 if "NOGROUP" in str(rows):       # the stream was deleted (FLUSHALL): set it up again
-                    self.owned.clear()
+                    self.leases.forget_all()
                 continue
             out += [(stream.name, entry_id, fields) for entry_id, fields in rows]
             if stream.history:
@@ -374,9 +414,33 @@ class Writer:
         return list(reply[0][1])
 
     # -- one batch ---------------------------------------------------------------------------------
-    async def _flush(self, raw: list) -> None:
+    async def _flush(self, partition: int, raw: list) -> None:
+        entries, settled = await self._parse(raw)
+        groups = await self._group(entries)
+        attempts = 0
+        try:
+            while groups:
+                if not await self.leases.confirm(partition):
+                    return          # another sidecar owns the partition now: the batch is its to write
+                for route in list(groups):
+                    if await self._write(route, groups[route], attempts):
+                        del groups[route]
+                if not groups or self._stopping:
+                    break
+                attempts += 1
+                self._retrying.setdefault(partition, time.time())
+                await self._backoff(attempts)
+        finally:
+            self._retrying.pop(partition, None)
+        if groups:
+            return                  # shutting down: the entries stay pending for the next owner
+        await asyncio.gather(*(DONE(self.pool, [stream], [GROUP, len(ids), *ids]) for stream, ids in settled.items()))
+
+    async def _parse(self, raw: list) -> tuple[list[Entry], dict[bytes, list]]:
+        """The batch's entries (each key's last only, with `coalesce`), and the ids to acknowledge
+        without a write (superseded in the batch, deleted from the stream, or not an entry at all)."""
         entries: list[Entry] = []
-        settled: dict[bytes, list] = {}     # stream -> ids to acknowledge without a key to finish
+        settled: dict[bytes, list] = {}
         for stream, entry_id, fields in raw:
             if not fields:                  # deleted from the stream after it was read (XDEL): nothing to do
                 settled.setdefault(stream, []).append(entry_id)
@@ -393,6 +457,10 @@ class Writer:
                     settled.setdefault(entry.stream, []).append(last.pop(entry.key).id)
                 last[entry.key] = entry
             entries = list(last.values())
+        return entries, settled
+
+    async def _group(self, entries: list[Entry]) -> dict:
+        """route -> [(entry, database op or None)]; an entry no route can write is dead-lettered."""
         groups: dict = {}
         for entry in entries:
             hit = self.router.match(entry.key)
@@ -406,25 +474,16 @@ class Writer:
                 await self._dead(entry, route, str(exc), 0)
                 continue
             groups.setdefault(route, []).append((entry, op))
-        attempts = 0
-        while groups:
-            for route in list(groups):
-                items = groups[route]
-                if await self._write(route, items, attempts):
-                    del groups[route]
-            if not groups:
-                break
-            attempts += 1
-            if attempts >= self.cfg.max_attempts:
-                for route, items in groups.items():
-                    for entry, _ in items:
-                        await self._dead(entry, route, self._last_error, attempts)
-                break
-            if self._stopping:
-                return          # shutting down: the entries stay pending for the next owner
-            delay = min(self.cfg.retry_max_ms, self.cfg.retry_base_ms * 2 ** (attempts - 1)) / 1000
-            await asyncio.sleep(delay * (0.5 + random.random()))
-        await asyncio.gather(*(DONE(self.pool, [stream], [GROUP, len(ids), *ids]) for stream, ids in settled.items()))
+        return groups
+
+    async def _backoff(self, attempts: int) -> None:
+        """Capped exponential backoff with jitter; shutdown cuts it short."""
+        cfg = self.cfg
+        delay = min(cfg.retry_max_ms, cfg.retry_base_ms * 2 ** min(attempts - 1, 32)) / 1000
+        try:
+            await asyncio.wait_for(self._stopped.wait(), delay * (0.5 + random.random() / 2))
+        except TimeoutError:
+            pass
 
     async def _write(self, route, items: list, attempts: int) -> bool:
         """One route's share of a batch; False when it must be retried (the database is unavailable)."""
@@ -432,38 +491,79 @@ class Writer:
         ops = [op for _, op in items if op is not None]
         started = time.perf_counter()
         try:
-            results = await route.backend.write_batch(route.write_spec, ops) if ops else []
+            results = await self._apply(route, ops)
         except BackendError as exc:
-            self._last_error = f"{exc.backend}: {exc}"
-            self._count(route.name, "retry")
-            if attempts == 0 or attempts % 5 == 0:
-                log.warning("write-behind to %s failed (attempt %d, will retry): %s", backend, attempts + 1, exc)
+            self._failed(route, exc)
             return False
+        self._recovered(route)
         self.flush_seconds.labels(backend).observe(time.perf_counter() - started)
         self.batch_size.labels(backend).observe(len(ops))
         results_iter = iter(results)
-        landed = []
+        landed, superseded = [], []
         for entry, op in items:
             result = next(results_iter) if op is not None else None
             if result is None:
                 landed.append(entry)
+            elif result is SUPERSEDED:
+                superseded.append(entry)
             else:
                 await self._dead(entry, route, str(result), attempts + 1)
-        if landed:
-            ttl = ttl_ms(route.ttl) if route.ttl.seconds is not None else 0
-            by_stream: dict[bytes, list[Entry]] = {}
-            for entry in landed:
-                by_stream.setdefault(entry.stream, []).append(entry)
-
-            async def done(stream: bytes, group: list[Entry]) -> None:
-                keys, args = [stream], [GROUP, len(group), *(e.id for e in group)]
-                for entry in group:
-                    keys += [entry.key, companion("pend", entry.key)]
-                    args += [entry.id, "ttl", entry.expiry, ttl]
-                await DONE(self.pool, keys, args)
-            await asyncio.gather(*(done(stream, group) for stream, group in by_stream.items()))
-            self._count(route.name, "landed", len(landed))
+        await self._done(route, landed, superseded)
         return True
+
+    async def _apply(self, route, ops: list[WriteOp]) -> list:
+        """The backend's results for `ops`; a batch refused as a whole is split until the refused
+        rows are alone (so only they are dead-lettered). Raises BackendUnavailable."""
+        if not ops:
+            return []
+        try:
+            return await route.backend.write_batch(route.write_spec, ops)
+        except BackendPermanentError as exc:
+            if len(ops) == 1:
+                return [exc]
+        results: list = []
+        for op in ops:
+            results += await self._apply(route, [op])
+        return results
+
+    async def _done(self, route, landed: list[Entry], superseded: list[Entry]) -> None:
+        """Acknowledge what the database has settled. A landed key gets its TTL back; a superseded
+        one (the database holds a newer version) loses its cached value if this was its newest write."""
+        ttl = ttl_ms(route.ttl) if route.ttl.seconds is not None else 0
+        by_stream: dict[bytes, list[tuple[Entry, str]]] = {}
+        for entry in landed:
+            by_stream.setdefault(entry.stream, []).append((entry, "ttl"))
+        for entry in superseded:
+            by_stream.setdefault(entry.stream, []).append((entry, "drop"))
+
+        async def done(stream: bytes, group: list[tuple[Entry, str]]) -> None:
+            keys, args = [stream], [GROUP, len(group), *(e.id for e, _ in group)]
+            for entry, action in group:
+                keys += [entry.key, companion("pend", entry.key)]
+                args += [entry.id, action, entry.expiry, ttl]
+            await DONE(self.pool, keys, args)
+        await asyncio.gather(*(done(stream, group) for stream, group in by_stream.items()))
+        if landed:
+            self._count(route.name, "landed", len(landed))
+        if superseded:
+            self._count(route.name, "superseded", len(superseded))
+
+    def _failed(self, route, exc: BackendError) -> None:
+        """The database was unavailable for a route's batch: count it, and log at a bounded rate."""
+        self._count(route.name, "retry")
+        now = time.monotonic()
+        state = self._failing.setdefault(route.name, [now, 0, -math.inf])
+        state[1] += 1
+        if now - state[2] >= FAILING_LOG_EVERY:
+            state[2] = now
+            log.warning("write-behind to %s (route %s) unavailable for %.0f s (%d failed attempts); retrying "
+                        "without limit, nothing is dropped: %s", exc.backend, route.name, now - state[0], state[1], exc)
+
+    def _recovered(self, route) -> None:
+        state = self._failing.pop(route.name, None)
+        if state is not None:
+            log.warning("write-behind to %s (route %s) recovered after %.0f s and %d failed attempts",
+                        route.backend_name, route.name, time.monotonic() - state[0], state[1])
 
     async def _dead(self, entry: Entry, route, reason: str, attempts: int) -> None:
         """Dead-letter a parsed entry, and drop its cached value if it is still the key's newest write."""
@@ -561,15 +661,19 @@ class Writer:
             await self.pool.execute(b"SADD", dirty, *sorted(slots), key=dirty)
             self.notify(partition)
 
+    def _retrying_seconds(self) -> float:
+        now = time.time()
+        return max((now - t for t in self._retrying.values()), default=0.0)
 
-_OUTCOMES = {"landed": WB_LANDED, "retry": WB_RETRIES, "dead": WB_DEAD_LETTERED}
+
+_OUTCOMES = {"landed": WB_LANDED, "retry": WB_RETRIES, "dead": WB_DEAD_LETTERED, "superseded": WB_SUPERSEDED}
 
 
 def _op(route, params: dict, entry: Entry) -> WriteOp | None:
     """The database write for a queue entry; ValueError if the value can never be written."""
     version = entry_version(entry.id)
     if entry.op == "del":
-        return route.write_op("delete", params, version=version) if route.write.delete_on_del else None
+        return route.write_op("delete", entry.key, params, version=version) if route.write.delete_on_del else None
     if entry.op == "hset":
-        return route.write_op("upsert", params, fields=from_hash(entry.pairs), version=version)
-    return route.upsert_op(params, entry.value, version)
+        return route.write_op("upsert", entry.key, params, fields=from_hash(entry.pairs), version=version)
+    return route.upsert_op(entry.key, params, entry.value, version)

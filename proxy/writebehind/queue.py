@@ -5,7 +5,9 @@
                           (set: v=<value>; hset: the hash's field/value pairs after x)
     {prefix}:s:{tag}      cluster mode: the stream of one hash slot instead (tag: a string in that slot)
     {prefix}:{p}:dirty    cluster mode: slots of partition p written since its owner last looked
-    {prefix}:{p}:owner    which sidecar flushes partition p: a lease (SET PX), renewed while alive
+    {prefix}:{p}:owner    which sidecar flushes partition p: a lease (SET PX), renewed while alive and
+                          while a batch waits on the database; an owner that finds it lapsed drops
+                          the batch in hand (the entries stay pending, for whoever owns p now)
     {prefix}:dead         dead letters: id, route, error, attempts, then the entry's own fields
     {prefix}:members      live sidecars (ZSET of heartbeats), so partitions are split fairly
     cacheproxy:pend:{tag}:<key>   id of the key's newest unflushed entry (a companion of the key)
@@ -248,15 +250,22 @@ end
 return n
 """
 
-# Partition ownership: take (or keep) the lease if it is free or already ours.
+# Partition ownership: keep the lease if it is ours (2: renewed), take it if it is free (1: taken,
+# so it had lapsed: whatever this sidecar read before may have been flushed by another since), or
+# leave it (0: another sidecar's).
 _CLAIM = """
 local owner = redis.call('GET', KEYS[1])
-if owner == false or owner == ARGV[1] then
+if owner == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 2
+end
+if owner == false then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   return 1
 end
 return 0
 """
+RENEWED, TAKEN, OTHERS = 2, 1, 0
 
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end

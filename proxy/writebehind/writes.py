@@ -7,10 +7,23 @@ write-behind: one Lua script (wbqueue.WRITE) runs the client's own command on th
     need the key cached first: the script answers LOAD, the key is loaded through the read path, and
     the script runs again.
 write-through: the database first (the key's resulting row, computed here), then the cache; a
-    database error leaves the cache unchanged and reaches the client.
+    database error leaves the cache unchanged and reaches the client. Its database write supersedes
+    (backends/base.py): it always applies, and every entry queued for the key before it is skipped
+    when it reaches the database, so it cannot be overwritten by an older queued write.
+
+Checks, in Redis's order (arguments.py): the arity, then the options and numeric arguments as Redis
+would check them, then the route's rules and the value. Nothing changes, in the cache or the
+database, for a command refused at any of these steps.
 
 A session's routed write holds the session's later commands until it is answered, so a pipeline
 reads its own writes. MSET, DEL and UNLINK with several keys are applied key by key.
+
+Upstream unreachable on a single node: SET/SETEX/PSETEX/DEL on a write-behind route fall back to
+write-through. That Redis may come back with older entries of the key still queued: they reach the
+database after the write-through, find its newer version there and are skipped, and the cached
+value they left is dropped (flusher.py), so readers get the write-through's value. Versions compare a
+queue entry's id (Redis's clock) with the write-through's (this host's clock), so the two clocks must
+agree to within the time between the outage and the key's next queued write.
 """
 
 from __future__ import annotations
@@ -24,9 +37,10 @@ from ..cache.encoding import from_hash
 from ..cache.keys import companion
 from ..cache.loader import Loader, Outcome, ttl_ms
 from ..protocol import errors
-from ..protocol.resp import OK, encode_reply, error
+from ..protocol.resp import OK, encode_reply
 from ..upstream.scripts import Script
 from ..upstream.single import UpstreamUnavailable
+from .arguments import argument_error, set_options
 from .queue import WRITE
 
 log = logging.getLogger("cacheproxy.writes")
@@ -39,11 +53,6 @@ MANAGED = SET_FAMILY | STRING_ONLY | HASH_WRITES | DELETES | {b"MSET"}
 # Commands that state the key's whole new value: no need to know the old one, nothing to compare.
 ASSERTING = {b"SETEX", b"PSETEX", b"HSET", b"HMSET"}
 THROUGH_COMMANDS = {b"SET", b"SETEX", b"PSETEX", b"HSET", b"HMSET", b"HDEL"} | DELETES
-# (fewest, most) arguments including the command name; Redis's own arity, checked before a script runs.
-ARITY = {b"SET": (3, None), b"SETEX": (4, 4), b"PSETEX": (4, 4), b"SETNX": (3, 3), b"GETSET": (3, 3),
-         b"GETDEL": (2, 2), b"INCR": (2, 2), b"DECR": (2, 2), b"INCRBY": (3, 3), b"DECRBY": (3, 3),
-         b"INCRBYFLOAT": (3, 3), b"APPEND": (3, 3), b"SETRANGE": (4, 4), b"HSET": (4, None),
-         b"HMSET": (4, None), b"HSETNX": (4, 4), b"HDEL": (3, None), b"HINCRBY": (4, 4), b"HINCRBYFLOAT": (4, 4)}
 VALUE_AT = {b"SET": 2, b"SETNX": 2, b"GETSET": 2, b"SETEX": 3, b"PSETEX": 3}
 
 # write-through cache step: KEYS data, lease, neg; ARGV ttl ms (0: keep what the command leaves), command...
@@ -60,17 +69,17 @@ return {'DONE', reply}
 
 
 class WriteRefused(Exception):
-    """A write the proxy refuses before anything changed; the message is the client's error."""
+    """A write the proxy refuses before anything changed; `reply` is the client's error line."""
 
-
-def _set_options(args: list[bytes]) -> set[bytes]:
-    return {a.upper() for a in args[3:]} & {b"NX", b"XX", b"GET", b"KEEPTTL"}
+    def __init__(self, reply: bytes):
+        super().__init__(reply.decode(errors="replace").strip())
+        self.reply = reply
 
 
 def needs_state(name: bytes, args: list[bytes]) -> bool:
     """Does the command's result depend on the key's current value (which may only be in the database)?"""
     if name == b"SET":
-        return bool(_set_options(args))
+        return bool(set_options(args))
     return name not in (b"SETEX", b"PSETEX")
 
 
@@ -78,7 +87,7 @@ def compares(name: bytes, args: list[bytes]) -> bool:
     """Queue only if the key changed (NX that lost, HDEL of a missing field ...)? Commands that state
     the whole value are always queued: the database may differ from the cache."""
     if name == b"SET":
-        return bool(_set_options(args) & {b"NX", b"XX"})
+        return bool(set_options(args) & {b"NX", b"XX"})
     return name not in ASSERTING and name not in (b"INCR", b"INCRBY", b"DECR", b"DECRBY", b"INCRBYFLOAT")
 
 
@@ -120,7 +129,7 @@ class Writes:
                 reply = await self.execute(args, proto)
             except Exception:
                 log.exception("routed write failed")
-                reply = error("ERR internal proxy error")
+                reply = errors.INTERNAL
             session.fill(slot, reply)
         return session.step(frames, i, step)
 
@@ -128,7 +137,7 @@ class Writes:
         name = args[0].upper()
         if name == b"MSET":
             if len(args) < 3 or len(args) % 2 == 0:
-                return error("ERR wrong number of arguments for 'mset' command")
+                return errors.wrong_arity(name)
             for key, value in zip(args[1::2], args[2::2], strict=True):
                 reply = await self.one([b"SET", key, value], proto)
                 if reply.startswith(b"-"):
@@ -136,7 +145,7 @@ class Writes:
             return OK
         if name in DELETES:
             if len(args) < 2:
-                return error(f"ERR wrong number of arguments for '{name.decode().lower()}' command")
+                return errors.wrong_arity(name)
             removed = 0
             for key in args[1:]:
                 reply = await self.one([args[0], key], proto)
@@ -144,10 +153,6 @@ class Writes:
                     return reply
                 removed += int(reply[1:-2])
             return b":%d\r\n" % removed
-        low, high = ARITY.get(name, (2, None))
-        if len(args) < low or (high is not None and len(args) > high) or (name in (b"HSET", b"HMSET")
-                                                                          and len(args) % 2):
-            return error(f"ERR wrong number of arguments for '{name.decode().lower()}' command")
         return await self.one(args, proto)
 
     async def one(self, args: list[bytes], proto: int) -> bytes:
@@ -159,6 +164,10 @@ class Writes:
             return await self._plain(args, proto)
         route, params = hit
         stats = route.stats
+        refusal = argument_error(name, args)
+        if refusal is not None:          # what Redis itself would answer, before any rule of the proxy's
+            stats.write_errors += 1
+            return refusal
         try:
             self._check(route, name, args)
             mode = route.write.mode
@@ -180,16 +189,17 @@ class Writes:
                 reply = await self._through(route, params, name, args, proto)
         except WriteRefused as exc:
             stats.write_errors += 1
-            return error(str(exc))
+            return exc.reply
         except UpstreamUnavailable as exc:
             stats.write_errors += 1
-            return error(f"ERR upstream unavailable: {exc}")
+            return errors.upstream_unavailable(str(exc))
         except BackendError as exc:
             stats.write_errors += 1
             if isinstance(exc, BackendBusy):      # every pooled connection in use: our saturation
                 return errors.backend_busy(exc.backend, str(exc))
-            verb = "refused the write" if not exc.transient else "unavailable"
-            return error(f"ERR backend {exc.backend} {verb}: {exc}")
+            if exc.transient:
+                return errors.backend_unavailable(exc.backend, str(exc))
+            return errors.backend_refused(exc.backend, str(exc))
         stats.writes += 1
         return reply
 
@@ -197,34 +207,35 @@ class Writes:
         """Refuse, before anything changes, a write the route cannot store."""
         where = f"route {route.name!r}"
         if route.read_only:
-            raise WriteRefused(f"ERR {where} is read-only (write.mode: read-only); the write was refused")
+            raise WriteRefused(errors.refused(f"{where} is read-only (write.mode: read-only); the write was refused"))
         if route.read.many:
-            raise WriteRefused(f"ERR {where} caches a list of rows (many: true) and cannot be written")
+            raise WriteRefused(errors.refused(f"{where} caches a list of rows (many: true) and cannot be written"))
         hash_route = route.family == "hash"
         if hash_route and (name in SET_FAMILY or name in STRING_ONLY):
-            raise WriteRefused(f"ERR {name.decode()} is not supported on {where}: it stores hashes (use HSET/HDEL)")
+            raise WriteRefused(errors.refused(f"{name.decode()} is not supported on {where}: it stores hashes "
+                                              f"(use HSET/HDEL)"))
         if not hash_route and name in HASH_WRITES:
-            raise WriteRefused("WRONGTYPE Operation against a key holding the wrong kind of value")
+            raise WriteRefused(errors.WRONGTYPE)
         if name in STRING_ONLY and route.encoding != "string":
-            raise WriteRefused(f"ERR {name.decode()} is not supported on {where}: it stores JSON documents "
-                               f"(use SET with the whole document)")
+            raise WriteRefused(errors.refused(f"{name.decode()} is not supported on {where}: it stores JSON "
+                                              f"documents (use SET with the whole document)"))
         if route.write.mode == "write-through" and name not in THROUGH_COMMANDS:
-            raise WriteRefused(f"ERR {name.decode()} is not supported on write-through {where}: use "
-                               f"{'HSET/HDEL' if hash_route else 'SET/SETEX/PSETEX/MSET'} or DEL")
-        if route.write.mode == "write-through" and name == b"SET" and _set_options(args) - {b"KEEPTTL"}:
-            raise WriteRefused(f"ERR SET with NX, XX or GET is not supported on write-through {where}")
+            raise WriteRefused(errors.refused(f"{name.decode()} is not supported on write-through {where}: use "
+                                              f"{'HSET/HDEL' if hash_route else 'SET/SETEX/PSETEX/MSET'} or DEL"))
+        if route.write.mode == "write-through" and name == b"SET" and set_options(args) - {b"KEEPTTL"}:
+            raise WriteRefused(errors.refused(f"SET with NX, XX or GET is not supported on write-through {where}"))
         at = VALUE_AT.get(name)
         if at is not None and len(args) > at and route.encoding == "json":
             try:
                 route.value_fields(args[at])
             except ValueError as exc:
-                raise WriteRefused(f"ERR value for route {route.name!r}: {exc}; nothing was written") from None
+                raise WriteRefused(errors.bad_value(route.name, str(exc))) from None
 
-    def _upsert(self, route, params: dict, value: bytes, version: int = 0) -> WriteOp:
+    def _upsert(self, route, key: bytes, params: dict, value: bytes, version: int = 0) -> WriteOp:
         try:
-            return route.upsert_op(params, value, version)
+            return route.upsert_op(key, params, value, version)
         except ValueError as exc:
-            raise WriteRefused(f"ERR value for route {route.name!r}: {exc}; nothing was written") from None
+            raise WriteRefused(errors.bad_value(route.name, str(exc))) from None
 
     # -- write-behind ----------------------------------------------------------------------------------
     async def _behind(self, route, params: dict, name: bytes, args: list[bytes], proto: int) -> bytes:
@@ -253,9 +264,7 @@ class Writes:
             route.stats.queue_full += 1
             if route.write.on_backpressure == "write-through" and name in THROUGH_COMMANDS:
                 return await self._through(route, params, name, args, proto)
-            raise WriteRefused(
-                f"ERR write-behind queue full: {result[1]} writes wait in partition {partition} "
-                f"(write_behind.max_pending {self.cfg.max_pending}); retry later")
+            raise WriteRefused(errors.queue_full(int(result[1]), partition, self.cfg.max_pending))
         if len(result) > 2 or (status == b"OK" and len(result) > 1):      # an entry was queued
             if layout.cluster:
                 # Tell the partition's owner (maybe another sidecar) which slot stream has entries. A
@@ -279,7 +288,7 @@ class Writes:
                 op = await self._through_op(route, params, name, args)
                 if op is not None:
                     results = await route.backend.write_batch(route.write_spec, [op])
-                    if results[0] is not None:
+                    if isinstance(results[0], BackendError):
                         raise results[0]
                 ttl = ttl_ms(route.ttl) if route.ttl.seconds is not None else 0
                 try:
@@ -295,15 +304,20 @@ class Writes:
                 del self._locks[key]
 
     async def _through_op(self, route, params: dict, name: bytes, args: list[bytes]) -> WriteOp | None:
+        """The database write of a write-through command: it supersedes whatever is stored."""
+        op = await self._through_row(route, params, name, args)
+        if op is not None:
+            op.supersede = True
+        return op
+
+    async def _through_row(self, route, params: dict, name: bytes, args: list[bytes]) -> WriteOp | None:
         self._seq = (self._seq + 1) % (1 << 20)
         version = (int(time.time() * 1000) << 20) + self._seq
+        key = args[1]
         if name in DELETES:
-            return route.write_op("delete", params, version=version) if route.write.delete_on_del else None
+            return route.write_op("delete", key, params, version=version) if route.write.delete_on_del else None
         if name in (b"SET", b"SETEX", b"PSETEX"):
-            at = VALUE_AT[name]
-            if len(args) <= at:
-                return None        # Redis answers the arity error in the cache step
-            return self._upsert(route, params, args[at], version)
+            return self._upsert(route, key, params, args[VALUE_AT[name]], version)
         # HSET/HMSET/HDEL: the database gets the whole resulting row.
         outcome, found = await self.loader.load(route, args[1], params)
         if outcome == Outcome.DIRECT:
@@ -314,12 +328,10 @@ class Writes:
             for field in args[2:]:
                 row.pop(field, None)
             if not row:
-                return route.write_op("delete", params, version=version) if route.write.delete_on_del else None
+                return route.write_op("delete", key, params, version=version) if route.write.delete_on_del else None
         else:
-            if len(args) < 4 or len(args) % 2:
-                return None
             row.update(zip(args[2::2], args[3::2], strict=True))
-        return route.write_op("upsert", params, fields=from_hash(row.items()), version=version)
+        return route.write_op("upsert", key, params, fields=from_hash(row.items()), version=version)
 
     async def _plain(self, args: list[bytes], proto: int) -> bytes:
         key = args[1]
@@ -329,9 +341,9 @@ class Writes:
                 await self.pool.execute(*voided, key=key)
             reply = await self.pool.execute(*args, proto=proto, key=key)
         except UpstreamUnavailable as exc:
-            return error(f"ERR upstream unavailable: {exc}")
+            return errors.upstream_unavailable(str(exc))
         if isinstance(reply, Exception):
-            return error(str(reply))
+            return errors.line(str(reply))
         if reply == b"OK":
             return OK
         return encode_reply(reply, proto)
@@ -357,7 +369,7 @@ def _reply(result: list, proto: int) -> bytes:
         return OK
     if status == b"ERR":
         message = result[1].decode(errors="replace") if isinstance(result[1], bytes) else str(result[1])
-        return error(message)
+        return errors.line(message)
     return encode_reply(result[1], proto)
 
 

@@ -32,7 +32,8 @@ def start(make_proxy, cluster, pg, mode="write-behind", upstream=None, **wb):  #
     admin = free_port()
     p = cluster_proxy(make_proxy, cluster, upstream=upstream or {},
                       backends={"main": {"type": "postgres", "dsn": DSN, "connect_timeout": 1,
-                                         "statement_timeout_ms": 3000}},
+                                         "statement_timeout_ms": 3000,
+                                         "versions_table": f"{pg.schema}.cacheproxy_versions"}},
                       routes=routes(pg.schema, mode), write_behind={"max_delay_ms": 50, "claim_idle_ms": 2000, **wb},
                       admin={"enabled": True, "port": admin}, shutdown={"grace_seconds": 5})
     p.admin_port = admin

@@ -92,6 +92,8 @@ def test_version_attribute_makes_puts_conditional(make_proxy, redis_server, moto
     c.set("profile:u3", json.dumps({"Plan": "stale"}))
     wait_for(lambda: queued(redis_server.client()) == 0, what="the queue to drain")
     assert item(moto_endpoint, table, "u3")["Plan"] == {"S": "newest"}
+    # The skipped write was the key's newest: its cached value is dropped, so readers see the table's.
+    assert json.loads(c.get("profile:u3"))["Plan"] == "newest"
 
 
 def test_write_through_puts_before_the_reply(make_proxy, redis_server, moto_endpoint, tables):

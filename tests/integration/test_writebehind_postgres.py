@@ -95,11 +95,14 @@ def routes(s: str, mode: str = "write-behind") -> list[dict]:
     ]
 
 
-def start(make_proxy, redis_server, pg, mode="write-behind", route_list=None, dsn=DSN, **wb):
+def start(make_proxy, redis_server, pg, mode="write-behind", route_list=None, dsn=DSN, statement_timeout_ms=3000,
+          **wb):
     admin = free_port()
     settings = {"max_delay_ms": 50, "claim_idle_ms": 2000, **wb}
+    # Each test's versions (write fencing) live in its own schema, dropped with it.
     p = make_proxy(redis_server, backends={"main": {"type": "postgres", "dsn": dsn, "connect_timeout": 1,
-                                                    "statement_timeout_ms": 3000}},
+                                                    "statement_timeout_ms": statement_timeout_ms,
+                                                    "versions_table": f"{pg.schema}.cacheproxy_versions"}},
                    routes=route_list or routes(pg.schema, mode), write_behind=settings,
                    admin={"enabled": True, "port": admin}, shutdown={"grace_seconds": 5})
     p.admin_port = admin
