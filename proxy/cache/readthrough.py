@@ -67,7 +67,7 @@ class ReadThrough:
         if name in SINGLE_READS:
             self._single(session, name, args)
         elif name in MULTI_READS:
-            self._multi(session, name, args)
+            return self._multi(session, frames, i, name)
         elif self.writes is not None and self.writes.handles(name, args):
             return self.writes.start(session, frames, i)
         else:
@@ -93,10 +93,16 @@ class ReadThrough:
             request = encode_command((b"PTTL", key)) + request
         conn.send(request, read)
 
-    def _multi(self, session, name: bytes, args: list[bytes]) -> None:
+    def _multi(self, session, frames: list, i: int, name: bytes) -> int:
+        """MGET/EXISTS over routed keys read on the pool's connections: a step, so they run after the
+        client's earlier commands and before its later ones."""
+        args = frames[i]
         slot = session.new_slot(1)
-        session.host.background.spawn(self._multi_task(session, slot, name, args),
-                                      lambda: session.fill(slot, errors.INTERNAL), f"read-through of {name!r}")
+
+        async def step():
+            await session.wait_turn(slot)
+            await self._multi_task(session, slot, name, args)
+        return session.step(frames, i, step, slot)
 
     def _write(self, session, name: bytes, args: list[bytes]) -> None:
         voided = []

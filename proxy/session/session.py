@@ -96,7 +96,7 @@ class Session(asyncio.Protocol):
         self.write_paused = False
         self.hold: asyncio.Task | None = None   # a step in progress: later frames wait in `backlog`
         self.backlog: list | None = None
-        self.drained: asyncio.Future | None = None
+        self.turn: asyncio.Future | None = None    # resolved when replies are written (wait_turn)
         self.closing = False      # QUIT or a protocol error: close once the replies are written
         self.last_active = self.connected_at = host.clock
         self.buffered = 0         # bytes of an unfinished request the parser holds (host.query_buffered)
@@ -133,8 +133,8 @@ class Session(asyncio.Protocol):
             self.relay = None
         if self.pin is not None:
             self._unpin(clean=not self._holds_state())
-        if self.drained is not None and not self.drained.done():
-            self.drained.cancel()
+        if self.turn is not None and not self.turn.done():
+            self.turn.cancel()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -336,7 +336,7 @@ class Session(asyncio.Protocol):
                     self.reply(problem)
                 return i + 1
             slot = self.new_slot(1)
-            return self.step(frames, i, lambda: self._flush(slot, args))
+            return self.step(frames, i, lambda: self._flush(slot, args), slot)
         if kind == LISTKEYS:
             self.send_commands([args], after=self.host.guard.listing_filter(name))
             return i + 1
@@ -399,9 +399,10 @@ class Session(asyncio.Protocol):
         proto = self.proto
 
         async def slow():
+            await self.wait_turn(slot)
             replies = [await self.pool.run(args, proto) for args in commands]
             self.fill(slot, b"".join(replies))
-        self.step_inline(slow)
+        self.step_inline(slow, slot)
 
     def new_slot(self, count: int) -> Slot:
         """A place in the reply order for a reply someone else will deliver through fill()."""
@@ -427,6 +428,8 @@ class Session(asyncio.Protocol):
             self._write(out)
             if self.transport is None:
                 return
+            if self.turn is not None and not self.turn.done():
+                self.turn.set_result(None)
         self._after_fill()
 
     def fill_partial(self, slot: Slot, data, count: int) -> bool:
@@ -439,11 +442,8 @@ class Session(asyncio.Protocol):
     def _after_fill(self) -> None:
         if "inflight" in self.paused and self.order.inflight <= self.max_inflight // 2:
             self.resume("inflight")
-        if not self.order:
-            if self.drained is not None and not self.drained.done():
-                self.drained.set_result(None)
-            if self.closing:
-                self._close_if_done()
+        if not self.order and self.closing:
+            self._close_if_done()
 
     def _write(self, data: bytes) -> None:
         transport = self.transport
@@ -458,44 +458,57 @@ class Session(asyncio.Protocol):
         if self.closing and not self.order and self.transport is not None:
             self.transport.close()
 
-    async def _wait_drained(self) -> None:
-        """Wait until every earlier reply has been written (before switching connections)."""
-        while self.order:
-            self.drained = asyncio.get_running_loop().create_future()
-            await self.drained
-        self.drained = None
+    async def wait_turn(self, slot: Slot | None = None) -> None:
+        """Wait until every reply before `slot` (every reply, without one) has been written. Work that
+        runs elsewhere than this client's own connections (a routed write's script, the slow path, a
+        new dedicated connection) waits for it, so it never overtakes the client's earlier commands."""
+        while self.order and (slot is None or self.order.slots[0] is not slot):
+            self.turn = asyncio.get_running_loop().create_future()
+            await self.turn
+        self.turn = None
 
     # -- steps: work that later commands must wait for -----------------------------------------------
-    def step(self, frames: list, i: int, step) -> int:
+    def step(self, frames: list, i: int, step, slot: Slot | None = None) -> int:
         """Stop reading, run `step` (a coroutine function), then continue with frames[i + 1:]
-        (frames[i] is the command the step answers). Returns the index where dispatch stops."""
+        (frames[i] is the command the step answers, in `slot`). Returns the index where dispatch stops."""
         self.backlog = frames[i + 1:]
-        self._start_step(step)
+        self._start_step(step, slot)
         return len(frames)
 
-    def step_inline(self, step) -> None:
+    def step_inline(self, step, slot: Slot) -> None:
         """Like step(), for work started in the middle of dispatching: the frames not yet dispatched
         become the backlog when dispatch stops (see _dispatch)."""
         if self.hold is not None:       # already inside a step: run it as part of that one
-            self.host.background.spawn(step(), self._step_failed, f"client {self.id}")
+            self.host.background.spawn(step(), lambda: self._step_failed(slot), f"client {self.id}")
             return
         if self.backlog is None:
             self.backlog = []
-        self._start_step(step)
+        self._start_step(step, slot)
 
-    def _start_step(self, step) -> None:
+    def _start_step(self, step, slot: Slot | None) -> None:
         self.pause("hold")
-        self.hold = self.host.background.spawn(self._hold(step), self._step_failed, f"client {self.id}")
+        self.hold = self.host.background.spawn(self._hold(step, slot), None, f"client {self.id}")
 
-    async def _hold(self, step) -> None:
+    async def _hold(self, step, slot: Slot | None) -> None:
         try:
             await step()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("client %d: internal error", self.id)
+            self._step_failed(slot)
         finally:
             self.hold = None
         self.resume("hold")     # continues with the frames that waited for this step
 
-    def _step_failed(self) -> None:
-        """A bug in a step must not leave the client hanging: it gets an error and is closed."""
+    def _step_failed(self, slot: Slot | None) -> None:
+        """A bug in a step must not leave the client hanging: the command it answers gets an error
+        (and the client goes on); without a command of its own, the client gets one and is closed."""
+        if slot is not None:
+            if slot in self.order.slots and slot.data is None:
+                slot.after = None
+                self.fill(slot, errors.INTERNAL * slot.count)
+            return
         self.reply(errors.INTERNAL)
         self.closing = True
         self._close_if_done()
@@ -512,7 +525,7 @@ class Session(asyncio.Protocol):
         self.backlog = frames[i:]
 
         async def acquire():
-            await self._wait_drained()
+            await self.wait_turn()
             try:
                 self.pin = await self.pool.get_dedicated(self.proto, key)
                 # frames[i] is dispatched (and counted) again from the backlog: count it once.
@@ -521,7 +534,7 @@ class Session(asyncio.Protocol):
                 # Answer the command that needed the pin; the rest proceed as usual.
                 self.reply(errors.upstream_unavailable(str(exc)))
                 del self.backlog[0]
-        self._start_step(acquire)
+        self._start_step(acquire, None)
         return len(frames)
 
     def _holds_state(self) -> bool:
@@ -610,7 +623,7 @@ class Session(asyncio.Protocol):
         self.backlog = frames[i:]
 
         async def enter():
-            await self._wait_drained()
+            await self.wait_turn()
             conn = self.pin
             self.pin = None
             if conn is None:
@@ -627,7 +640,7 @@ class Session(asyncio.Protocol):
             self.host.stats.clients.relays += 1
             backlog, self.backlog = self.backlog, None
             self._relay_frames(backlog)
-        self._start_step(enter)
+        self._start_step(enter, None)
         return len(frames)
 
     def _relay_in(self, data: bytes) -> None:
@@ -689,6 +702,7 @@ class Session(asyncio.Protocol):
 
     # -- FLUSHALL / FLUSHDB: the proxy's own state survives -------------------------------------------
     async def _flush(self, slot: Slot, args: list[bytes]) -> None:
+        await self.wait_turn(slot)
         self.fill(slot, await self.host.guard.flush(args, self.proto))
 
 

@@ -125,13 +125,9 @@ class Writes:
         proto = session.proto
 
         async def step():
-            try:
-                reply = await self.execute(args, proto)
-            except Exception:
-                log.exception("routed write failed")
-                reply = errors.INTERNAL
-            session.fill(slot, reply)
-        return session.step(frames, i, step)
+            await session.wait_turn(slot)     # the script runs on another connection: after earlier commands
+            session.fill(slot, await self.execute(args, proto))
+        return session.step(frames, i, step, slot)
 
     async def execute(self, args: list[bytes], proto: int) -> bytes:
         name = args[0].upper()

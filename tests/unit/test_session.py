@@ -191,3 +191,18 @@ def test_auth_is_required_before_anything_reaches_the_upstream():
     assert conn.sent == []
     assert transport.out == (b"-NOAUTH Authentication required.\r\n-WRONGPASS invalid username-password pair or "
                              b"user is disabled.\r\n+OK\r\n+RESET\r\n-NOAUTH Authentication required.\r\n")
+
+
+async def test_a_step_that_fails_answers_its_command_and_the_client_goes_on():
+    class Broken(Pool):
+        async def run(self, args, proto=2):
+            raise RuntimeError("a bug in the slow path")
+
+    session, transport = connect(Host(Broken(None)))
+    session.data_received(cmds(("GET", "a"), ("PING",)))
+    for _ in range(100):
+        if transport.out.endswith(b"+PONG\r\n"):
+            break
+        await asyncio.sleep(0.01)
+    assert transport.out == b"-ERR internal proxy error\r\n+PONG\r\n"
+    assert not transport.closed and transport.reading
