@@ -50,9 +50,9 @@ class ProxyServer:
         self.metrics = Metrics()
         self.stats = self.metrics.stats
         self.backends: dict = {}
-        self.readthrough = None
-        self.writer = None          # the write-behind flusher, when a route writes behind
-        self.admin = None
+        self.readthrough: ReadThrough | None = None
+        self.writer: Writer | None = None          # the write-behind flusher, when a route writes behind
+        self.admin: AdminServer | None = None
         self.durability: DurabilityMonitor | None = None   # the upstream's fitness for the write-behind queue
         self.ready_probe = CachedReadiness(self.readiness, cfg.admin.readiness_cache_seconds)
         self.metrics.read(READINESS_REQUESTS, lambda: self.ready_probe.requests)
@@ -62,17 +62,17 @@ class ProxyServer:
         self.query_buffered = 0     # bytes of unfinished requests held for all clients (limits.max_query_buffer_total)
         listen = cfg.listen
         self.auth_required = bool(listen.password or listen.users)
-        self._stopping: asyncio.Event | None = None
+        self._stopping = asyncio.Event()      # set by a signal (or a test): shut down
         self._tasks: list[asyncio.Task] = []
         self.background = Background()     # sessions' steps, loads, retries: cancelled at shutdown
 
     def check_password(self, creds: list[bytes]) -> bool:
         listen = self.cfg.listen
         if len(creds) == 1:
-            user, password = "default", creds[0]
+            user, given = "default", creds[0]
         else:
-            user, password = creds[0].decode(errors="replace"), creds[1]
-        password = password.decode(errors="surrogateescape")
+            user, given = creds[0].decode(errors="replace"), creds[1]
+        password = given.decode(errors="surrogateescape")
         if user == "default" and listen.password is not None:
             return password == listen.password
         return user in listen.users and listen.users[user] == password
@@ -80,25 +80,23 @@ class ProxyServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.clock = loop.time()
-        if self._stopping is None:
-            self._stopping = asyncio.Event()
         pool_class = ClusterPool if self.cfg.upstream.cluster else UpstreamPool
-        self.pool = pool_class(self.cfg.upstream, loop, self.background)
-        self.guard = Guard(self.pool, self.cfg.write_behind.stream_prefix, self.cfg.upstream.db)
-        self._register_gauges()
-        self.pool.start()
+        self.pool = pool = pool_class(self.cfg.upstream, loop, self.background)
+        self.guard = Guard(pool, self.cfg.write_behind.stream_prefix, self.cfg.upstream.db)
+        self._register_gauges(pool)
+        pool.start()
         # Listen only once the upstream had its chance: a sidecar may start before Redis, so an
         # unreachable upstream does not stop startup, it only delays it by connect_timeout.
-        if not await self.pool.wait_ready(self.cfg.upstream.connect_timeout):
+        if not await pool.wait_ready(self.cfg.upstream.connect_timeout):
             log.warning("upstream not reachable yet (%s); serving anyway, reconnecting in the background",
-                        self.pool.last_error)
-        await self._check_durability()
+                        pool.last_error)
+        self.durability = durability = await self._check_durability(pool)
         if self.cfg.routes:
             await self._start_routes()
-        self.durability.start()
+        durability.start()
         if self.cfg.admin.enabled:
-            self.admin = AdminServer(self.cfg.admin, self.metrics, self.ready_probe, self.durability.warnings)
-            await self.admin.start()
+            self.admin = admin = AdminServer(self.cfg.admin, self.metrics, self.ready_probe, durability.warnings)
+            await admin.start()
         listen = self.cfg.listen
         self.listener = await loop.create_server(
             lambda: Session(self), listen.host, listen.port,
@@ -106,17 +104,18 @@ class ProxyServer:
         self._tasks.append(loop.create_task(self._tick()))
         log.info("listening on %s:%d, upstream %s", listen.host, listen.port, self.cfg.upstream.redacted_url)
 
-    async def _check_durability(self) -> None:
+    async def _check_durability(self, pool) -> DurabilityMonitor:
         """Before any write is taken: can the upstream keep the write-behind queue? An unsafe setting
         under `refuse` stops startup (an unreachable upstream does not: the watch checks later)."""
-        self.durability = DurabilityMonitor(self.pool, self.cfg.upstream.durability)
-        self.durability.register(self.metrics)
-        self.durability.active = writes_behind(self.cfg.routes)
-        if self.durability.active:
-            await self.durability.check()
-            if self.durability.refusal:
-                raise StartupError(f"{self.durability.refusal}; to start anyway, set that upstream.durability "
+        durability = DurabilityMonitor(pool, self.cfg.upstream.durability)
+        durability.register(self.metrics)
+        durability.active = writes_behind(self.cfg.routes)
+        if durability.active:
+            await durability.check()
+            if durability.refusal:
+                raise StartupError(f"{durability.refusal}; to start anyway, set that upstream.durability "
                                    f"setting to warn")
+        return durability
 
     async def _start_routes(self) -> None:
         """Backends, routes and the read-through path; routed command names get the ROUTED kind."""
@@ -132,8 +131,8 @@ class ProxyServer:
         if self.writer is not None:
             self.writer.reconfigure(cfg, router)
         elif behind:
-            self.writer = Writer(self.pool, router, cfg, self.metrics, consumer_name(cfg))
-            self.writer.start()
+            self.writer = writer = Writer(self.pool, router, cfg, self.metrics, consumer_name(cfg))
+            writer.start()
         if self.readthrough is None:
             loader = Loader(self.pool, self.metrics)
             writes = Writes(router, self.pool, loader, cfg.write_behind, self.writer)
@@ -166,17 +165,18 @@ class ProxyServer:
         await asyncio.gather(*(check(name, backend) for name, backend in list(self.backends.items())))
         return problems
 
-    def _register_gauges(self) -> None:
-        pool, metrics = self.pool, self.metrics
+    def _register_gauges(self, pool: UpstreamPool | ClusterPool) -> None:
+        metrics = self.metrics
         metrics.read(CLIENT_CONNECTIONS, lambda: len(self.sessions))
         metrics.read(UPSTREAM_UP, lambda: 1 if pool.healthy else 0)
         metrics.read(UPSTREAM_CONNECTIONS, lambda: [
-            (("shared",), sum(1 for cs in pool.shared.values() for c in cs if c is not None and c.up)),
+            (("shared",), sum(1 for conns in pool.shared.values() for c in conns if c is not None and c.up)),
             (("dedicated",), len(pool.dedicated))])
         metrics.read(UPSTREAM_EVENTS, lambda: [((name,), value) for name, value in pool.events.samples()])
 
     @property
     def port(self) -> int:
+        assert self.listener is not None, "the proxy is not listening yet"
         return self.listener.sockets[0].getsockname()[1]
 
     def over_query_budget(self) -> None:
@@ -230,7 +230,6 @@ class ProxyServer:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
         # Signals first: a SIGTERM that arrives while we are still starting must stop us cleanly.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)

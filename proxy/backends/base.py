@@ -26,7 +26,7 @@ reason is reported as SUPERSEDED, not as an error.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 
 class BackendError(Exception):
@@ -136,3 +136,13 @@ class Backend(Protocol):
         SUPERSEDED when the database holds a newer version of the key, a BackendPermanentError for a
         row that can never land. Raises BackendUnavailable when the whole batch should be retried
         later; never raises BackendPermanentError for the whole batch."""
+
+
+T = TypeVar("T")
+
+
+def required(value: T | None, backend: str, what: str) -> T:
+    """A spec field this backend needs (config checks make sure it is set; this says which if not)."""
+    if value is None:
+        raise BackendPermanentError(backend, f"{what} is not set for this route")
+    return value

@@ -15,6 +15,7 @@ import binascii
 import random
 import re
 from decimal import Decimal, InvalidOperation
+from typing import Any
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
@@ -29,6 +30,7 @@ from .base import (
     WriteOp,
     WriteResult,
     WriteSpec,
+    required,
 )
 
 _TRANSIENT_CODES = {"ProvisionedThroughputExceededException", "ThrottlingException", "RequestLimitExceeded",
@@ -44,7 +46,7 @@ class DynamoBackend:
         self.name = name
         self.cfg = cfg
         self.client = None
-        self._context = None
+        self._context: Any = None      # the aiobotocore client context (entered in start())
         self._types: dict[str, dict[str, str]] = {}   # table -> attribute -> S|N|B
         self._roles: dict[str, dict[str, str]] = {}   # table -> key attribute -> HASH|RANGE
 
@@ -111,7 +113,7 @@ class DynamoBackend:
 
     async def check_read(self, spec: ReadSpec) -> None:
         try:
-            types = await self._attribute_types(spec.table)
+            types = await self._attribute_types(required(spec.table, self.name, "read.table"))
         except BackendPermanentError as exc:
             if "ResourceNotFound" in str(exc):
                 raise BackendPermanentError(
@@ -125,7 +127,8 @@ class DynamoBackend:
                     f"{spec.table!r} (its key attributes: {', '.join(types)})")
 
     async def fetch(self, spec: ReadSpec, params: list) -> list[dict]:
-        types = await self._attribute_types(spec.table)
+        table = required(spec.table, self.name, "read.table")
+        types = await self._attribute_types(table)
         if spec.key:
             key = {attr: self._key_value(spec.table, attr, value, types) for attr, value in spec.key.items()}
             reply = await self._call("get_item", TableName=spec.table, Key=key, ConsistentRead=spec.consistent_read)
@@ -134,7 +137,7 @@ class DynamoBackend:
         # Query: an index's key may have other limits than the table's, so only the types are checked.
         values = {name: self._key_value(None, placeholders.get(name, name), value, types)
                   for name, value in (spec.values or {}).items()}
-        request = {"TableName": spec.table, "KeyConditionExpression": spec.key_condition,
+        request: dict[str, Any] = {"TableName": table, "KeyConditionExpression": spec.key_condition,
                    "ExpressionAttributeValues": values}
         if spec.index:
             request["IndexName"] = spec.index
@@ -174,7 +177,8 @@ class DynamoBackend:
         item back; DynamoDB has no row left to keep the version on."""
         if not ops:
             return []
-        types = await self._attribute_types(spec.table)
+        table = required(spec.table, self.name, "read.table")
+        types = await self._attribute_types(table)
         results: list[WriteResult] = [None] * len(ops)
         requests: dict[int, dict] = {}
         for index, op in enumerate(ops):
@@ -191,7 +195,7 @@ class DynamoBackend:
         else:
             done = []
             for start in range(0, len(order), 25):
-                done += await self._batch(spec.table, [requests[i] for i in order[start:start + 25]])
+                done += await self._batch(table, [requests[i] for i in order[start:start + 25]])
         for index, result in zip(order, done, strict=True):
             results[index] = result
         return results

@@ -46,6 +46,7 @@ from .base import (
     WriteOp,
     WriteResult,
     WriteSpec,
+    required,
 )
 
 # SQLSTATEs that mean "try again later": connection exceptions (08), insufficient resources (53),
@@ -161,14 +162,15 @@ class PostgresBackend:
         return BackendUnavailable(self.name, reason)
 
     async def fetch(self, spec: ReadSpec, params: list) -> list[dict]:
-        types = self._param_types.get(spec.query)
+        query = required(spec.query, self.name, "read.query")
+        types = self._param_types.get(query)
         if types is not None:       # known: a key no row can have never takes a connection
             self._check_key(spec, params, types)
 
         async def read(conn):
             if types is None:
-                self._check_key(spec, params, await self._types(conn, spec.query))
-            return await conn.fetch(spec.query, *params)
+                self._check_key(spec, params, await self._types(conn, query))
+            return await conn.fetch(query, *params)
         rows = await self._run(read)
         return [dict(row) for row in rows]
 
@@ -181,7 +183,8 @@ class PostgresBackend:
                 raise BackendKeyRejected(self.name, f"key parameter {name} {problem}")
 
     async def check_read(self, spec: ReadSpec) -> None:
-        expected = len(await self._run(lambda conn: self._types(conn, spec.query)))
+        query = required(spec.query, self.name, "read.query")
+        expected = len(await self._run(lambda conn: self._types(conn, query)))
         given = spec.params or []
         if expected != len(given):
             placeholders = f"$1..${expected}" if expected else "no parameters"
@@ -281,7 +284,7 @@ class PostgresBackend:
             if spec.fields is None:
                 values.append(op.whole)
             else:
-                values += [op.fields.get(name) for name in spec.fields]
+                values += [(op.fields or {}).get(name) for name in spec.fields]
         try:
             return [_coerce(v, t) for v, t in zip(values, types, strict=True)]
         except (ValueError, TypeError, ArithmeticError) as exc:
@@ -297,7 +300,7 @@ class PostgresBackend:
             for index, op in enumerate(runnable):
                 run.append(op)
                 if index + 1 == len(runnable) or runnable[index + 1].op != op.op:
-                    sql = spec.upsert if op.op == "upsert" else spec.delete
+                    sql = required(spec.upsert if op.op == "upsert" else spec.delete, self.name, f"write.{op.op}")
                     types = await self._types(conn, sql)
                     await conn.executemany(sql, [self._args(spec, o, types) for o in run])
                     run = []

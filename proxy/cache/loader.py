@@ -210,7 +210,7 @@ class Loader:
             return Outcome.DIRECT, found      # the other proxy never filled: answer, don't cache
         if found.exists:
             kind = "hash" if found.pairs is not None else "value"
-            payload = [v for pair in found.pairs for v in pair] if kind == "hash" else [found.value]
+            payload = [v for pair in found.pairs or () for v in pair] if kind == "hash" else [found.value]
             ttl = ttl_ms(route.ttl)
         else:
             route.stats.not_found += 1

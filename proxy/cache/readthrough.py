@@ -105,7 +105,7 @@ class ReadThrough:
         return session.step(frames, i, step, slot)
 
     def _write(self, session, name: bytes, args: list[bytes]) -> None:
-        voided = []
+        voided: list[bytes] = []
         for key in routed_keys(name, args):
             if self.router.match(key) is not None:
                 voided += (companion("lease", key), companion("neg", key))

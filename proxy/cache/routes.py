@@ -51,7 +51,7 @@ class RuntimeRoute:
         """The fields a string value of this route writes; ValueError names what is wrong with it."""
         if self.encoding == "json":
             fields = from_json(value)
-            missing = [f for f in self.write.fields or () if f not in fields]
+            missing = [f for f in (self.write.fields if self.write is not None else None) or () if f not in fields]
             if missing:
                 raise ValueError(f"the value lacks field(s) {', '.join(missing)} that write.upsert binds")
             return fields
@@ -73,7 +73,7 @@ class RuntimeRoute:
     def write_op(self, op: str, key: bytes, params: dict, **fields) -> WriteOp:
         """A database write for the cache key `key` with these parameters (the backend gets the item
         key filled in; the cache key is what its version is kept under)."""
-        templates = self.write_spec.key
+        templates = self.write_spec.key if self.write_spec is not None else None
         item_key = {attr: fill(template, params) for attr, template in templates.items()} if templates else None
         return WriteOp(op, params, item_key=item_key, key=key, **fields)
 

@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 __all__ = ["KeyTemplate", "Router", "TemplateError", "ambiguous", "compile_template", "fill", "template_params"]
 
@@ -159,19 +159,20 @@ class KeyTemplate:
     def convert(self, raw: Sequence[bytes]) -> dict[str, Any] | None:
         """The typed parameters from the regex groups, or None if one does not convert."""
         # Inline per type rather than a converter call per parameter: this runs for every routed key.
-        out = {}
-        for (name, kind), value in zip(self._typed, raw, strict=True):
+        out: dict[str, Any] = {}
+        for (name, kind), text in zip(self._typed, raw, strict=True):
+            value: Any
             if kind == "int":
-                value = int(value)
+                value = int(text)
                 if not INT64_MIN <= value <= INT64_MAX:
                     return None
             elif kind == "str":
                 try:
-                    value = value.decode()
+                    value = text.decode()
                 except UnicodeDecodeError:
                     return None
             else:
-                value = _to_uuid(value)
+                value = _to_uuid(text)
             out[name] = value
         return out
 
@@ -202,7 +203,11 @@ def compile_template(template: str) -> KeyTemplate:
 
 # ------------------------------------------------------------------------------------------- router
 
-R = TypeVar("R")
+class Keyed(Protocol):
+    key: str
+
+
+R = TypeVar("R", bound=Keyed)
 
 
 class Router(Generic[R]):
@@ -222,13 +227,14 @@ class Router(Generic[R]):
             self._winners[group] = (index, template, route, group)
             pieces.append(b"(" + template.pattern + b")")
             group += 1 + len(template.params)
-        self._regex = re.compile(b"|".join(pieces)) if pieces else None
+        # With no routes, a pattern that matches nothing (an empty alternation would match b"").
+        self._regex = re.compile(b"|".join(pieces) if pieces else rb"(?!)")
 
     def match(self, key: bytes) -> tuple[R, dict[str, Any]] | None:
         if not key.startswith(self.prefixes):
             return None
         m = self._regex.fullmatch(key)
-        if m is None:
+        if m is None or m.lastindex is None:
             return None
         index, template, route, group = self._winners[m.lastindex]
         params = template.convert(m.groups()[group:group + len(template.params)])

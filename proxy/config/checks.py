@@ -206,6 +206,8 @@ def _identifiers(at: str, names: Sequence[str] | None) -> list[Problem]:
 
 def _check_write(at: str, route: Route, kind: str, params: list[str]) -> list[Problem]:
     write = route.write
+    if write is None:
+        return []
     if write.mode == "read-only":
         optional = ("upsert", "delete", "table", "key_columns", "fields", "version_attribute")
         return [Problem(f"{at}.{name}", "is set but write.mode is read-only",
@@ -221,7 +223,7 @@ def _check_string_write(at: str, route: Route, kind: str) -> list[Problem]:
     """A string route's value is one column or attribute: the write must name exactly one place
     for it (a second field would be written NULL, every time)."""
     read, write = route.read, route.write
-    if read is None or read.as_ != "string":
+    if read is None or write is None or read.as_ != "string":
         return []
     fields = write.fields or []
     if len(fields) > 1:
@@ -279,6 +281,8 @@ def _check_table_mode(at: str, write: RouteWrite, params: list[str]) -> list[Pro
 
 def _check_ddb_write(at: str, route: Route) -> list[Problem]:
     write = route.write
+    if write is None:
+        return []
     problems = _not_for(at, write, ("upsert", "delete", "table", "key_columns"), "postgres")
     read = route.read
     if read is None or read.key is None:

@@ -175,11 +175,11 @@ def config_from_dict(data: Mapping[str, Any] | None, source: str = "<dict>", *,
     if not isinstance(data, Mapping):
         raise _fail(source, "", f"the top level must be a mapping of sections (got {type(data).__name__})",
                     "start the file with sections such as `listen:` and `upstream:`")
-    data = dict(data)
+    data = dict(data)      # a plain dict from here on: overrides write into it
     origins: dict[str, str] = {}
     if env is not None:
         problems: list[Problem] = []
-        data = _expand_env(data, env, [], problems, origins)
+        data = dict(_expand_env(data, env, [], problems, origins))
         _apply_overrides(data, env, problems, origins)
         if problems:
             raise ConfigError.from_problems(source, problems, origins)

@@ -35,6 +35,7 @@ class AdminServer:
 
     @property
     def port(self) -> int:
+        assert self.server is not None, "the admin server is not started"
         return self.server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from ..upstream.durability import OK, UNKNOWN, UNSAFE, Finding, assess, read_node, unreadable
 from ..upstream.single import UpstreamUnavailable
@@ -95,7 +96,8 @@ class DurabilityMonitor:
         self._report()
         return findings
 
-    def _nodes(self) -> list[tuple[str, object]]:
+    def _nodes(self) -> list[tuple[str, Any]]:
+        """(address, a shared connection or None) of every master."""
         masters = getattr(self.pool, "master_list", None)
         if masters is None:
             return [(f"{self.pool.host}:{self.pool.port}", self.pool.pick(2))]

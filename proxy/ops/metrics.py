@@ -107,27 +107,48 @@ class Counters:
     label_values: ClassVar[dict[str, str]] = {}
 
     def __init__(self) -> None:
-        for name in self.__slots__:
+        names: tuple[str, ...] = self.__slots__
+        for name in names:
             setattr(self, name, 0)
 
     def samples(self) -> list[tuple[str, int]]:
-        return [(self.label_values.get(name, name), getattr(self, name)) for name in self.__slots__]
+        names: tuple[str, ...] = self.__slots__
+        return [(self.label_values.get(name, name), getattr(self, name)) for name in names]
 
 
 class ClientEvents(Counters):
     family = CLIENT_EVENTS
+    connections: int
+    protocol_errors: int
+    auth_failures: int
+    relays: int
+    output_limit_disconnects: int
+    idle_disconnects: int
+    reserved_refusals: int
+    query_buffer_disconnects: int
+    request_timeouts: int
     __slots__ = ("connections", "protocol_errors", "auth_failures", "relays", "output_limit_disconnects",
                  "idle_disconnects", "reserved_refusals", "query_buffer_disconnects", "request_timeouts")
 
 
 class ClientBytes(Counters):
     family = CLIENT_BYTES
+    received: int
+    sent: int
     label_values = {"received": "in", "sent": "out"}
     __slots__ = ("received", "sent")
 
 
 class UpstreamEvents(Counters):
     family = UPSTREAM_EVENTS
+    connects: int
+    connect_errors: int
+    timeouts: int
+    moved: int
+    ask: int
+    retries: int
+    refreshes: int
+    refresh_errors: int
     __slots__ = ("connects", "connect_errors", "timeouts", "moved", "ask", "retries", "refreshes",
                  "refresh_errors")
 

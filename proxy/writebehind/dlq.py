@@ -31,6 +31,7 @@ def add_parser(sub) -> None:
 
 def _clients(cfg, dead: bytes):
     """A client for the upstream, and one for the node that holds the dead letters."""
+    client: redis.Redis | redis.cluster.RedisCluster
     if cfg.upstream.cluster:
         client = redis.cluster.RedisCluster.from_url(cfg.upstream.url)
         dead_client = client.get_node_from_key(dead).redis_connection
@@ -61,8 +62,12 @@ def _describe(dead_id: bytes, fields: list) -> dict:
 
 
 def run(args, config_path: str | None) -> int:
+    path = args.config or config_path
+    if not path:
+        print("cacheproxy dlq: give the proxy's config file (--config, or set CACHEPROXY_CONFIG)", file=sys.stderr)
+        return 2
     try:
-        cfg = load_config(args.config or config_path)
+        cfg = load_config(path)
     except Exception as exc:
         print(exc, file=sys.stderr)
         return 2

@@ -358,7 +358,7 @@ class Writer:
     async def _give_back(self, partition: int, streams: dict[bytes, _Stream]) -> None:
         """Cluster mode, leaving a partition: its streams still being read go back into the dirty set
         for whoever flushes it next (the sweep finds them if even this fails)."""
-        slots = sorted({stream.slot for stream in streams.values()})
+        slots = sorted({stream.slot for stream in streams.values() if stream.slot is not None})
         streams.clear()
         if not slots:
             return

@@ -57,7 +57,7 @@ def slot_tags() -> tuple[bytes, ...]:
             tags[slot] = tag
             missing -= 1
         n += 1
-    return tuple(tags)
+    return tuple(tag for tag in tags if tag is not None)    # every slot has one by now
 
 
 def slot_stream_name(prefix: str, slot: int) -> bytes:

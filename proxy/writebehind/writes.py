@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 from ..backends.base import BackendBusy, BackendError, WriteOp
 from ..cache.encoding import from_hash
@@ -102,7 +103,7 @@ class Writes:
         self._seq = 0
         # Set by the server (ops/durability.py): its `refusal` says why the upstream may lose queued
         # writes (upstream.durability: refuse), and write-behind writes are refused while it does.
-        self.queue_guard = None
+        self.queue_guard: Any = None   # ops/durability.DurabilityMonitor: refuses writes when the queue is unsafe
 
     def reconfigure(self, router, wb_cfg, writer) -> None:
         self.router, self.cfg, self.writer = router, wb_cfg, writer
