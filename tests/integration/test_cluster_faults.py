@@ -13,8 +13,8 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from tests.fixtures.redis_server import free_port
-from tests.integration.test_cluster_basic import cluster_proxy
+from tests.fixtures.ports import free_port
+from tests.fixtures.redis_cluster import cluster_proxy
 
 pytestmark = [pytest.mark.proxy_only, pytest.mark.timeout(240)]
 

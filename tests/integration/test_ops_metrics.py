@@ -16,20 +16,10 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fixtures.redis_server import free_port
-from tests.integration.test_writebehind_postgres import (
-    REPO,
-    make_schema,
-    metric_sum,
-    metrics,
-    pg,
-    queued,
-    routes,
-    start,
-    wait_for,
-)
-
-__all__ = ["pg"]   # the fixture, shared with the write-behind tests
+from tests.fixtures.helpers import REPO, metric_sum, metrics, wait_for
+from tests.fixtures.ports import free_port
+from tests.fixtures.postgres import make_schema
+from tests.fixtures.writebehind import queued, routes, start
 
 pytestmark = [pytest.mark.proxy_only, pytest.mark.timeout(120)]
 

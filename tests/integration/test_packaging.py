@@ -24,9 +24,9 @@ import yaml
 
 from proxy import __version__
 from proxy.config import config_from_dict
+from tests.fixtures.helpers import REPO, wait_for
+from tests.fixtures.ports import free_port
 from tests.fixtures.proxy import RawClient
-from tests.fixtures.redis_server import free_port
-from tests.integration.test_writebehind_postgres import REPO, wait_for
 
 pytestmark = pytest.mark.proxy_only
 

@@ -2,42 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-import uuid
 
 import pytest
 import redis
-from aiobotocore.session import get_session
 
+from tests.fixtures import moto
+from tests.fixtures.helpers import moved_names
+from tests.fixtures.moto import ddb
+from tests.fixtures.ports import free_port
 from tests.fixtures.proxy import ProxyProcess
 
 pytestmark = pytest.mark.proxy_only
 
+# The shared helpers lived here; tests written against this import path keep working.
+__getattr__ = moved_names(moto)
 
-def ddb(endpoint: str, method: str, **kwargs):
-    async def call():
-        async with get_session().create_client("dynamodb", region_name="us-east-1", endpoint_url=endpoint) as c:
-            return await getattr(c, method)(**kwargs)
-    return asyncio.run(call())
-
-
-@pytest.fixture
-def tables(moto_endpoint):
-    """Fresh Profiles (hash key UserId) and Events (UserId + numeric Seq) tables for one test."""
-    suffix = uuid.uuid4().hex[:8]
-    names = {"profiles": f"Profiles{suffix}", "events": f"Events{suffix}"}
-    ddb(moto_endpoint, "create_table", TableName=names["profiles"], BillingMode="PAY_PER_REQUEST",
-        KeySchema=[{"AttributeName": "UserId", "KeyType": "HASH"}],
-        AttributeDefinitions=[{"AttributeName": "UserId", "AttributeType": "S"}])
-    ddb(moto_endpoint, "create_table", TableName=names["events"], BillingMode="PAY_PER_REQUEST",
-        KeySchema=[{"AttributeName": "UserId", "KeyType": "HASH"}, {"AttributeName": "Seq", "KeyType": "RANGE"}],
-        AttributeDefinitions=[{"AttributeName": "UserId", "AttributeType": "S"},
-                              {"AttributeName": "Seq", "AttributeType": "N"}])
-    yield names
-    for table in names.values():
-        ddb(moto_endpoint, "delete_table", TableName=table)
 
 
 def start(make_proxy, redis_server, moto_endpoint, routes):
@@ -118,7 +99,6 @@ def test_missing_table_stops_startup_with_a_clear_message(redis_server, moto_end
 
 def test_backend_down_gives_a_clear_error_and_caches_nothing(make_proxy, redis_server, tables):
     # An endpoint nobody listens on: DynamoDB is "down" from the proxy's point of view.
-    from tests.fixtures.redis_server import free_port
     p = make_proxy(redis_server, backends={"ddb": {"type": "dynamodb", "endpoint_url": f"http://127.0.0.1:{free_port()}",
                                                    "timeout": 1}},
                    routes=[{"key": "profile:{user_id}", "backend": "ddb",

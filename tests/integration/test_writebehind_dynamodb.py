@@ -8,10 +8,9 @@ import threading
 import pytest
 import redis
 
-from tests.integration.test_readthrough_dynamodb import ddb, tables
-from tests.integration.test_writebehind_postgres import queued, wait_for
-
-__all__ = ["tables"]   # the fixture, shared with the read-through tests
+from tests.fixtures.helpers import wait_for
+from tests.fixtures.moto import ddb
+from tests.fixtures.writebehind import queued
 
 pytestmark = [pytest.mark.proxy_only, pytest.mark.timeout(120)]
 

@@ -3,68 +3,19 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
-import redis
 
-from tests.integration.test_writebehind_postgres import make_schema, metric_sum, pg, queued, start, wait_for
+from tests.fixtures import writebehind
+from tests.fixtures.helpers import metric_sum, moved_names, wait_for
+from tests.fixtures.postgres import make_schema
+from tests.fixtures.writebehind import Writers, assert_every_ack_landed, queued, start
 
-__all__ = ["pg"]   # the fixture, shared with the Postgres write tests
+# The shared helpers lived here; tests written against this import path keep working.
+__getattr__ = moved_names(writebehind)
 
 pytestmark = [pytest.mark.proxy_only, pytest.mark.timeout(180)]
-
-
-class Writers:
-    """Clients writing increasing sequence numbers to 200 keys; remembers the last acknowledged one."""
-
-    def __init__(self, p, clients: int = 10, seconds: float = 30.0, max_writes: int = 20000):
-        self.p = p
-        self.acked: dict[int, int] = {}
-        self.errors: list[Exception] = []
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.count = 0
-        self.deadline = time.monotonic() + seconds
-        self.max_writes = max_writes
-        self.threads = [threading.Thread(target=self._run, args=(n, clients)) for n in range(clients)]
-
-    def _run(self, n: int, clients: int) -> None:
-        c = self.p.client(protocol=2, socket_timeout=5)
-        seq = 0
-        while not self.stop.is_set() and time.monotonic() < self.deadline and self.count < self.max_writes:
-            seq += 1
-            key = (seq * clients + n) % 200 + 1           # each key has exactly one writer: order is known
-            value = json.dumps({"name": f"{n}:{seq}", "email": f"{seq}@x"})
-            try:
-                c.set(f"user:{key}", value)
-            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
-                self.errors.append(exc)
-                if self.stop.is_set():
-                    return
-                time.sleep(0.05)
-                continue
-            with self.lock:
-                self.acked[key] = seq
-                self.count += 1
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(30)
-
-
-def assert_every_ack_landed(pg, acked: dict[int, int]) -> None:
-    db = {r["id"]: r["name"] for r in pg.rows("SELECT id, name FROM {s}.users")}
-    for key, seq in acked.items():
-        stored = int(db[key].split(":")[1]) if ":" in db[key] else -1
-        assert stored >= seq, f"user:{key}: database has seq {stored}, acknowledged {seq}"
 
 
 def test_postgres_down_20s_under_write_load_loses_nothing(make_proxy, redis_server, throwaway_pg):

@@ -2,132 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
 import threading
-import time
-import uuid
 
-import asyncpg
 import pytest
 import redis
 
-from tests.fixtures.redis_server import free_port
-
-DSN = "postgresql://postgres@127.0.0.1:5432/test"
-REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
-
-SCHEMA_SQL = """
-CREATE TABLE {s}.users (id bigint PRIMARY KEY, name text NOT NULL, email text CHECK (email LIKE '%@%'));
-CREATE TABLE {s}.counters (name text PRIMARY KEY, value bigint NOT NULL);
-CREATE TABLE {s}.flags (name text PRIMARY KEY, value text);
-INSERT INTO {s}.users SELECT i, 'user ' || i, 'u' || i || '@example.com' FROM generate_series(1, 50) i;
-INSERT INTO {s}.counters VALUES ('hits', 41);
-"""
+from tests.fixtures import helpers, postgres, writebehind
+from tests.fixtures.helpers import REPO, metric_sum, moved_names, wait_for
+from tests.fixtures.postgres import make_schema
+from tests.fixtures.writebehind import queued, start
 
 pytestmark = [pytest.mark.proxy_only, pytest.mark.timeout(120)]
 
-
-class Pg:
-    def __init__(self, dsn: str, schema: str):
-        self.dsn, self.schema = dsn, schema
-
-    async def _fetch(self, sql: str, *args):
-        conn = await asyncpg.connect(self.dsn)
-        try:
-            return await conn.fetch(sql.format(s=self.schema), *args)
-        finally:
-            await conn.close()
-
-    def rows(self, sql: str, *args) -> list[dict]:
-        return [dict(r) for r in asyncio.run(self._fetch(sql, *args))]
-
-    def user(self, uid: int) -> dict | None:
-        found = self.rows("SELECT id, name, email FROM {s}.users WHERE id = $1", uid)
-        return found[0] if found else None
-
-
-def make_schema(dsn: str) -> Pg:
-    schema = "wb_" + uuid.uuid4().hex[:10]
-
-    async def setup():
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.execute(f"CREATE SCHEMA {schema}")
-            await conn.execute(SCHEMA_SQL.format(s=schema))
-        finally:
-            await conn.close()
-    asyncio.run(setup())
-    return Pg(dsn, schema)
-
-
-@pytest.fixture
-def pg():
-    helper = make_schema(DSN)
-    yield helper
-    asyncio.run(helper._fetch("DROP SCHEMA {s} CASCADE"))
-
-
-def user_route(s: str, mode: str = "write-behind", **write) -> dict:
-    return {"key": "user:{id:int}", "backend": "main",
-            "read": {"query": f"SELECT id, name, email FROM {s}.users WHERE id = $1", "as": "json"},
-            "write": {"mode": mode, "fields": ["name", "email"],
-                      "upsert": f"INSERT INTO {s}.users (id, name, email) VALUES ($1, $2, $3) ON CONFLICT (id) "
-                                f"DO UPDATE SET name = EXCLUDED.name, email = EXCLUDED.email",
-                      "delete": f"DELETE FROM {s}.users WHERE id = $1", **write},
-            "ttl": {"seconds": 300, "jitter": 0}}
-
-
-def routes(s: str, mode: str = "write-behind") -> list[dict]:
-    return [
-        user_route(s, mode),
-        {"key": "uh:{id:int}", "backend": "main",
-         "read": {"query": f"SELECT id, name, email FROM {s}.users WHERE id = $1", "as": "hash"},
-         "write": {"mode": mode, "table": f"{s}.users", "key_columns": ["id"], "fields": ["name", "email"]}},
-        {"key": "counter:{name}", "backend": "main",
-         "read": {"query": f"SELECT value FROM {s}.counters WHERE name = $1", "as": "string"},
-         "write": {"mode": mode, "table": f"{s}.counters", "key_columns": ["name"], "fields": ["value"]}},
-        {"key": "ro:{id:int}", "backend": "main",
-         "read": {"query": f"SELECT id, name FROM {s}.users WHERE id = $1", "as": "json"},
-         "write": {"mode": "read-only"}},
-    ]
-
-
-def start(make_proxy, redis_server, pg, mode="write-behind", route_list=None, dsn=DSN, **wb):
-    admin = free_port()
-    settings = {"max_delay_ms": 50, "claim_idle_ms": 2000, **wb}
-    p = make_proxy(redis_server, backends={"main": {"type": "postgres", "dsn": dsn, "connect_timeout": 1,
-                                                    "statement_timeout_ms": 3000}},
-                   routes=route_list or routes(pg.schema, mode), write_behind=settings,
-                   admin={"enabled": True, "port": admin}, shutdown={"grace_seconds": 5})
-    p.admin_port = admin
-    return p
-
-
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def queued(r: redis.Redis) -> int:
-    return sum(r.xlen(k) for k in r.scan_iter(match="cacheproxy:wb:{*}", _type="stream"))
-
-
-def metrics(p) -> str:
-    import urllib.request
-    return urllib.request.urlopen(f"http://127.0.0.1:{p.admin_port}/metrics", timeout=5).read().decode()
-
-
-def metric_sum(p, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics(p).splitlines()
-               if line.startswith(name) and not line.startswith("#"))
+# The shared helpers lived here; tests written against this import path keep working.
+__getattr__ = moved_names(postgres, writebehind, helpers)
 
 
 # ------------------------------------------------------------------------------------ write-behind
