@@ -24,8 +24,8 @@ __getattr__ = moved_names(redis_cluster)
 
 
 @pytest.fixture
-def cproxy(make_proxy, shared_cluster):
-    return cluster_proxy(make_proxy, shared_cluster)
+def cproxy(make_inproc_proxy, shared_cluster):
+    return cluster_proxy(make_inproc_proxy, shared_cluster)
 
 
 def keys_by_master(cluster, keys):
@@ -237,8 +237,8 @@ def test_blocking_and_pubsub(cproxy, shared_cluster):
 
 
 @pytest.mark.parametrize("read_from", ["replica", "prefer_replica"])
-def test_replica_reads(make_proxy, shared_cluster, read_from):
-    p = cluster_proxy(make_proxy, shared_cluster, upstream={"read_from": read_from})
+def test_replica_reads(make_inproc_proxy, shared_cluster, read_from):
+    p = cluster_proxy(make_inproc_proxy, shared_cluster, upstream={"read_from": read_from})
     c = p.client(protocol=2)
     for node in shared_cluster.running_nodes():
         node.client().config_resetstat()
@@ -256,10 +256,10 @@ def test_replica_reads(make_proxy, shared_cluster, read_from):
     assert c.incr("r:1") == 2               # writes still go to the masters
 
 
-def test_first_seed_down_uses_the_others(make_proxy, shared_cluster):
+def test_first_seed_down_uses_the_others(make_inproc_proxy, shared_cluster):
     from tests.fixtures.redis_server import free_port
     dead = f"redis://127.0.0.1:{free_port()}"
-    p = make_proxy(dead, upstream={"cluster": True, "nodes": shared_cluster.seeds[2:4]})
+    p = make_inproc_proxy(dead, upstream={"cluster": True, "nodes": shared_cluster.seeds[2:4]})
     c = p.client(protocol=2)
     deadline = time.monotonic() + 10
     while True:

@@ -28,8 +28,8 @@ def start(make_proxy, cluster, pg, routes, **overrides):
                          routes=routes, **overrides)
 
 
-def test_misses_load_on_every_node(make_proxy, shared_cluster, pg):
-    p = start(make_proxy, shared_cluster, pg, [routes_config(pg, ttl={"seconds": 120, "jitter": 0})])
+def test_misses_load_on_every_node(make_inproc_proxy, shared_cluster, pg):
+    p = start(make_inproc_proxy, shared_cluster, pg, [routes_config(pg, ttl={"seconds": 120, "jitter": 0})])
     c = p.client(protocol=2)
     for i in range(1, 61):
         assert json.loads(c.get(f"user:{i}"))["name"] == f"user {i}"
@@ -44,8 +44,8 @@ def test_misses_load_on_every_node(make_proxy, shared_cluster, pg):
     assert 0 < direct.pttl("user:42") <= 120_000
 
 
-def test_mget_exists_and_negative_cache_across_slots(make_proxy, shared_cluster, pg):
-    p = start(make_proxy, shared_cluster, pg, [routes_config(pg, ttl={"negative_seconds": 30})])
+def test_mget_exists_and_negative_cache_across_slots(make_inproc_proxy, shared_cluster, pg):
+    p = start(make_inproc_proxy, shared_cluster, pg, [routes_config(pg, ttl={"negative_seconds": 30})])
     c = p.client(protocol=3)
     c.set("plain:1", "p1")
     keys = [f"user:{i}" for i in range(1, 31)] + [f"user:{9000 + i}" for i in range(10)] + ["plain:1", "plain:2"]
@@ -62,8 +62,8 @@ def test_mget_exists_and_negative_cache_across_slots(make_proxy, shared_cluster,
     assert pg.calls() == 43
 
 
-def test_writes_and_deletes_void_leases_across_slots(make_proxy, shared_cluster, pg):
-    p = start(make_proxy, shared_cluster, pg, [routes_config(pg)])
+def test_writes_and_deletes_void_leases_across_slots(make_inproc_proxy, shared_cluster, pg):
+    p = start(make_inproc_proxy, shared_cluster, pg, [routes_config(pg)])
     c = p.client(protocol=2)
     assert json.loads(c.get("user:5"))["id"] == 5
     assert c.set("user:5", "app-value") is True
@@ -75,8 +75,8 @@ def test_writes_and_deletes_void_leases_across_slots(make_proxy, shared_cluster,
 
 
 @pytest.mark.timeout(60)
-def test_single_flight_and_fill_guard_on_cluster(make_proxy, shared_cluster, pg):
-    p = start(make_proxy, shared_cluster, pg, [routes_config(pg, slow=True)])
+def test_single_flight_and_fill_guard_on_cluster(make_inproc_proxy, shared_cluster, pg):
+    p = start(make_inproc_proxy, shared_cluster, pg, [routes_config(pg, slow=True)])
 
     async def burst():
         clients = [redis.asyncio.Redis(host="127.0.0.1", port=p.port, protocol=2) for _ in range(100)]
@@ -98,8 +98,8 @@ def test_single_flight_and_fill_guard_on_cluster(make_proxy, shared_cluster, pg)
     assert shared_cluster.direct().exists("user:14") == 0
 
 
-def test_hash_route_on_cluster(make_proxy, shared_cluster, pg):
-    p = start(make_proxy, shared_cluster, pg, [routes_config(pg, **{"as": "hash"})])
+def test_hash_route_on_cluster(make_inproc_proxy, shared_cluster, pg):
+    p = start(make_inproc_proxy, shared_cluster, pg, [routes_config(pg, **{"as": "hash"})])
     c = p.client(protocol=3)
     for i in (3, 4, 5, 6):
         assert c.hget(f"user:{i}", "name") == f"user {i}".encode()

@@ -52,8 +52,8 @@ def queued(cluster) -> int:
     return sum(slot_streams(cluster).values())
 
 
-def test_writes_on_every_master_land_and_get_their_ttl_back(make_proxy, shared_cluster, pg):
-    p = start(make_proxy, shared_cluster, pg)
+def test_writes_on_every_master_land_and_get_their_ttl_back(make_inproc_proxy, shared_cluster, pg):
+    p = start(make_inproc_proxy, shared_cluster, pg)
     c = p.client(protocol=2)
     direct = shared_cluster.direct()
     ids = range(1, 41)
@@ -73,8 +73,8 @@ def test_writes_on_every_master_land_and_get_their_ttl_back(make_proxy, shared_c
     assert metric_sum(p, "cacheproxy_writebehind_landed_total") >= 40
 
 
-def test_hash_counter_delete_and_mset_across_slots(make_proxy, shared_cluster, pg):
-    p = start(make_proxy, shared_cluster, pg, max_delay_ms=3000, batch_size=1000)
+def test_hash_counter_delete_and_mset_across_slots(make_inproc_proxy, shared_cluster, pg):
+    p = start(make_inproc_proxy, shared_cluster, pg, max_delay_ms=3000, batch_size=1000)
     c = p.client(protocol=3)
     direct = shared_cluster.direct()
     assert c.hset("uh:6", "name", "Six") == 0             # loaded from Postgres first, then changed
@@ -95,8 +95,8 @@ def test_hash_counter_delete_and_mset_across_slots(make_proxy, shared_cluster, p
     assert c.get("user:3") is None
 
 
-def test_poison_row_is_dead_lettered_and_replayed_on_a_cluster(make_proxy, shared_cluster, pg):
-    p = start(make_proxy, shared_cluster, pg)
+def test_poison_row_is_dead_lettered_and_replayed_on_a_cluster(make_inproc_proxy, shared_cluster, pg):
+    p = start(make_inproc_proxy, shared_cluster, pg)
     c = p.client(protocol=2)
     c.set("user:20", json.dumps({"name": "fine", "email": "f@x"}))
     c.set("user:21", json.dumps({"name": "bad", "email": "no-at-sign"}))     # the CHECK refuses it
@@ -117,8 +117,8 @@ def test_poison_row_is_dead_lettered_and_replayed_on_a_cluster(make_proxy, share
     wait_for(lambda: pg.user(21)["email"] == "no-at-sign", what="the replayed row")
 
 
-def test_write_through_on_a_cluster(make_proxy, shared_cluster, pg):
-    p = start(make_proxy, shared_cluster, pg, mode="write-through")
+def test_write_through_on_a_cluster(make_inproc_proxy, shared_cluster, pg):
+    p = start(make_inproc_proxy, shared_cluster, pg, mode="write-through")
     c = p.client(protocol=2)
     for i in range(30, 36):
         assert c.set(f"user:{i}", json.dumps({"name": f"T{i}", "email": f"{i}@x"})) is True
@@ -196,11 +196,11 @@ def test_reshard_under_write_load_moves_the_queue_with_its_slots(make_proxy, red
         assert json.loads(c.get(f"user:{key}"))["name"] == db[key], f"user:{key}: cache and database disagree"
 
 
-def test_write_to_an_unreachable_slot_is_refused_not_written_through(make_proxy, redis_cluster, pg):
+def test_write_to_an_unreachable_slot_is_refused_not_written_through(make_inproc_proxy, redis_cluster, pg):
     # With a shard's master and replica both down, its slots are unreachable. On a single node the
     # proxy would take a plain SET through to the database; on a cluster it must not (queued entries
     # of the slot would land over it after recovery): the client gets an error and nothing changes.
-    p = start(make_proxy, redis_cluster, pg, upstream={"command_timeout": 1})
+    p = start(make_inproc_proxy, redis_cluster, pg, upstream={"command_timeout": 1})
     c = p.client(protocol=2, socket_timeout=30)
     master = redis_cluster.node_for_key("user:1")
     for node in redis_cluster.running_nodes():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -18,19 +19,26 @@ __getattr__ = moved_names(writebehind)
 pytestmark = [pytest.mark.proxy_only, pytest.mark.timeout(180)]
 
 
-def test_postgres_down_20s_under_write_load_loses_nothing(make_proxy, redis_server, throwaway_pg):
+# How long Postgres stays down under the write load: several times the longest retry delay (2 s
+# below), so the flusher's backoff reaches its cap and keeps retrying there, and longer than the
+# claim timeout (2 s), while writes keep being acknowledged. CACHEPROXY_TEST_OUTAGE_S makes it longer.
+OUTAGE_SECONDS = float(os.environ.get("CACHEPROXY_TEST_OUTAGE_S", "8"))
+
+
+def test_postgres_down_under_write_load_loses_nothing(make_proxy, redis_server, throwaway_pg):
     pg = make_schema(throwaway_pg.dsn)
     p = start(make_proxy, redis_server, pg, dsn=throwaway_pg.dsn, retry_base_ms=100, retry_max_ms=2000,
               max_attempts=1000)
-    with Writers(p, seconds=60) as w:
-        time.sleep(2)
+    with Writers(p, seconds=OUTAGE_SECONDS + 40) as w:
+        wait_for(lambda: w.count > 200, timeout=30, what="the write load")
         throwaway_pg.stop()
         down_at = w.count
-        time.sleep(20)
+        time.sleep(OUTAGE_SECONDS)
         assert w.count > down_at + 100, "writes must keep being acknowledged while Postgres is down"
         assert queued(redis_server.client()) > 0
         throwaway_pg.start()
-        time.sleep(2)
+        up_at = w.count
+        wait_for(lambda: w.count > up_at + 100, timeout=30, what="writes after Postgres is back")
     assert not [e for e in w.errors], w.errors[:3]
     wait_for(lambda: queued(redis_server.client()) == 0, timeout=60, what="the queue to drain")
     assert_every_ack_landed(pg, w.acked)
@@ -68,10 +76,16 @@ def test_two_proxies_split_the_queue_and_claim_a_dead_ones_entries(make_proxy, r
     for i in range(1, 201):
         (ca if i % 2 else cb).set(f"user:{i}", json.dumps({"name": f"w{i}", "email": f"{i}@x"}))
     direct = redis_server.client()
-    time.sleep(1.5)                      # both read (and hold pending) their partitions' entries
-    pending_a = sum(direct.xpending(k, "cacheproxy")["pending"]
-                    for k in direct.scan_iter(match="cacheproxy:wb:{*}", _type="stream"))
-    assert pending_a > 0
+
+    def pending_by_consumer() -> dict[str, int]:
+        out: dict[str, int] = {}
+        for k in direct.scan_iter(match="cacheproxy:wb:{*}", _type="stream"):
+            for consumer in direct.xpending(k, "cacheproxy")["consumers"]:
+                out[consumer["name"]] = out.get(consumer["name"], 0) + consumer["pending"]
+        return out
+    # Both read (and hold pending) their partitions' entries: a's are what b must claim.
+    wait_for(lambda: len([n for n in pending_by_consumer().values() if n > 0]) == 2, timeout=20,
+             what="entries pending at both proxies")
     a.kill()
     throwaway_pg.start()
     wait_for(lambda: owned(b) == 16, timeout=20, what="b taking over a's partitions")

@@ -23,8 +23,8 @@ __getattr__ = moved_names(postgres, writebehind, helpers)
 
 # ------------------------------------------------------------------------------------ write-behind
 
-def test_set_is_read_back_at_once_and_lands_in_postgres(make_proxy, redis_server, pg):
-    p = start(make_proxy, redis_server, pg)
+def test_set_is_read_back_at_once_and_lands_in_postgres(make_inproc_proxy, redis_server, pg):
+    p = start(make_inproc_proxy, redis_server, pg)
     c = p.client(protocol=2)
     direct = redis_server.client()
     assert c.set("user:1", json.dumps({"name": "Ann", "email": "ann@x.org"})) is True
@@ -37,9 +37,9 @@ def test_set_is_read_back_at_once_and_lands_in_postgres(make_proxy, redis_server
     assert queued(direct) == 0
 
 
-def test_pending_write_is_never_replaced_by_the_older_row(make_proxy, redis_server, pg):
+def test_pending_write_is_never_replaced_by_the_older_row(make_inproc_proxy, redis_server, pg):
     # A long batch delay keeps the writes queued while we read.
-    p = start(make_proxy, redis_server, pg, max_delay_ms=3000, batch_size=1000)
+    p = start(make_inproc_proxy, redis_server, pg, max_delay_ms=3000, batch_size=1000)
     c = p.client(protocol=2)
     direct = redis_server.client()
     c.set("user:2", json.dumps({"name": "new", "email": "n@x"}))
@@ -53,8 +53,8 @@ def test_pending_write_is_never_replaced_by_the_older_row(make_proxy, redis_serv
     assert c.get("user:3") is None
 
 
-def test_set_options_see_the_database_row(make_proxy, redis_server, pg):
-    p = start(make_proxy, redis_server, pg)
+def test_set_options_see_the_database_row(make_inproc_proxy, redis_server, pg):
+    p = start(make_inproc_proxy, redis_server, pg)
     c = p.client(protocol=2)
     direct = redis_server.client()
     # user:4 is only in Postgres: NX must fail, XX and GET must see the row.
@@ -71,8 +71,8 @@ def test_set_options_see_the_database_row(make_proxy, redis_server, pg):
     wait_for(lambda: pg.user(997) is not None, what="SETEX row")
 
 
-def test_bad_values_are_refused_and_change_nothing(make_proxy, redis_server, pg):
-    p = start(make_proxy, redis_server, pg)
+def test_bad_values_are_refused_and_change_nothing(make_inproc_proxy, redis_server, pg):
+    p = start(make_inproc_proxy, redis_server, pg)
     c = p.client(protocol=2)
     with pytest.raises(redis.ResponseError, match="not valid JSON"):
         c.set("user:5", "not json")
@@ -95,8 +95,8 @@ def test_bad_values_are_refused_and_change_nothing(make_proxy, redis_server, pg)
     assert pg.user(5)["name"] == "user 5"
 
 
-def test_hash_route_sends_the_whole_row(make_proxy, redis_server, pg):
-    p = start(make_proxy, redis_server, pg)
+def test_hash_route_sends_the_whole_row(make_inproc_proxy, redis_server, pg):
+    p = start(make_inproc_proxy, redis_server, pg)
     c = p.client(protocol=3)
     assert c.hset("uh:6", "name", "Six") == 0              # loaded first: the field existed
     assert c.hgetall("uh:6") == {b"id": b"6", b"name": b"Six", b"email": b"u6@example.com"}
@@ -108,8 +108,8 @@ def test_hash_route_sends_the_whole_row(make_proxy, redis_server, pg):
     wait_for(lambda: pg.user(500) is not None, what="new row from HSET")
 
 
-def test_incr_on_a_string_route_starts_from_the_database(make_proxy, redis_server, pg):
-    p = start(make_proxy, redis_server, pg)
+def test_incr_on_a_string_route_starts_from_the_database(make_inproc_proxy, redis_server, pg):
+    p = start(make_inproc_proxy, redis_server, pg)
     c = p.client(protocol=2)
     assert c.incr("counter:hits") == 42
     assert c.incrby("counter:hits", 8) == 50
@@ -120,8 +120,8 @@ def test_incr_on_a_string_route_starts_from_the_database(make_proxy, redis_serve
         c.set("counter:text", "abc") and c.incr("counter:text")
 
 
-def test_mset_and_multi_key_del_mix_routed_and_plain_keys(make_proxy, redis_server, pg):
-    p = start(make_proxy, redis_server, pg)
+def test_mset_and_multi_key_del_mix_routed_and_plain_keys(make_inproc_proxy, redis_server, pg):
+    p = start(make_inproc_proxy, redis_server, pg)
     c = p.client(protocol=2)
     assert c.mset({"user:7": json.dumps({"name": "Seven", "email": "7@x"}), "plain:1": "p"}) is True
     assert c.get("plain:1") == b"p"
@@ -131,8 +131,8 @@ def test_mset_and_multi_key_del_mix_routed_and_plain_keys(make_proxy, redis_serv
     assert c.get("plain:1") is None
 
 
-def test_pipeline_reads_its_own_writes(make_proxy, redis_server, pg):
-    p = start(make_proxy, redis_server, pg)
+def test_pipeline_reads_its_own_writes(make_inproc_proxy, redis_server, pg):
+    p = start(make_inproc_proxy, redis_server, pg)
     c = p.client(protocol=2)
     pipe = c.pipeline(transaction=False)
     for i in range(20):
@@ -173,8 +173,8 @@ def test_many_clients_database_equals_cache(make_proxy, redis_server, pg):
     assert metric_sum(p, "cacheproxy_writebehind_landed_total") >= 1000
 
 
-def test_poison_row_goes_to_dead_letters_and_the_rest_land(make_proxy, redis_server, pg):
-    p = start(make_proxy, redis_server, pg, max_delay_ms=300)
+def test_poison_row_goes_to_dead_letters_and_the_rest_land(make_inproc_proxy, redis_server, pg):
+    p = start(make_inproc_proxy, redis_server, pg, max_delay_ms=300)
     c = p.client(protocol=2)
     c.set("user:11", json.dumps({"name": "ok", "email": "ok@x"}))
     c.set("user:12", json.dumps({"name": "bad", "email": "no-at-sign"}))   # violates the CHECK
@@ -202,9 +202,9 @@ def test_poison_row_goes_to_dead_letters_and_the_rest_land(make_proxy, redis_ser
     assert metric_sum(p, "cacheproxy_writebehind_dead_lettered_total") == 1
 
 
-def test_queue_full_refuses_writes(make_proxy, redis_server, throwaway_pg):
+def test_queue_full_refuses_writes(make_inproc_proxy, redis_server, throwaway_pg):
     pg = make_schema(throwaway_pg.dsn)
-    p = start(make_proxy, redis_server, pg, dsn=throwaway_pg.dsn, max_pending=16, partitions=1)
+    p = start(make_inproc_proxy, redis_server, pg, dsn=throwaway_pg.dsn, max_pending=16, partitions=1)
     throwaway_pg.stop()           # nothing drains
     c = p.client(protocol=2)
     for i in range(16):
@@ -218,8 +218,8 @@ def test_queue_full_refuses_writes(make_proxy, redis_server, throwaway_pg):
 
 # ------------------------------------------------------------------------------------ write-through
 
-def test_write_through_lands_before_the_reply(make_proxy, redis_server, pg):
-    p = start(make_proxy, redis_server, pg, mode="write-through")
+def test_write_through_lands_before_the_reply(make_inproc_proxy, redis_server, pg):
+    p = start(make_inproc_proxy, redis_server, pg, mode="write-through")
     c = p.client(protocol=2)
     c.set("user:20", json.dumps({"name": "Twenty", "email": "20@x"}))
     assert pg.user(20)["name"] == "Twenty"               # no waiting: it is there when SET returns
@@ -231,8 +231,8 @@ def test_write_through_lands_before_the_reply(make_proxy, redis_server, pg):
     assert queued(redis_server.client()) == 0
 
 
-def test_write_through_error_leaves_the_cache_unchanged(make_proxy, redis_server, pg):
-    p = start(make_proxy, redis_server, pg, mode="write-through")
+def test_write_through_error_leaves_the_cache_unchanged(make_inproc_proxy, redis_server, pg):
+    p = start(make_inproc_proxy, redis_server, pg, mode="write-through")
     c = p.client(protocol=2)
     before = c.get("user:23")
     with pytest.raises(redis.ResponseError, match="backend main refused the write.*CheckViolation"):
@@ -243,9 +243,9 @@ def test_write_through_error_leaves_the_cache_unchanged(make_proxy, redis_server
         c.incr("counter:hits")
 
 
-def test_write_through_with_postgres_down_reports_it(make_proxy, redis_server, throwaway_pg):
+def test_write_through_with_postgres_down_reports_it(make_inproc_proxy, redis_server, throwaway_pg):
     pg = make_schema(throwaway_pg.dsn)
-    p = start(make_proxy, redis_server, pg, mode="write-through", dsn=throwaway_pg.dsn)
+    p = start(make_inproc_proxy, redis_server, pg, mode="write-through", dsn=throwaway_pg.dsn)
     c = p.client(protocol=2)
     assert json.loads(c.get("user:24"))["name"] == "user 24"
     throwaway_pg.stop()
