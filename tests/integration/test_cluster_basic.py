@@ -17,7 +17,7 @@ from tests.fixtures import redis_cluster
 from tests.fixtures.helpers import moved_names
 from tests.fixtures.redis_cluster import cluster_proxy
 
-pytestmark = [pytest.mark.proxy_only, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.proxy_only, pytest.mark.timeout(120), pytest.mark.xdist_group("shared_cluster")]
 
 # The shared helpers lived here; tests written against this import path keep working.
 __getattr__ = moved_names(redis_cluster)

@@ -20,7 +20,7 @@ from tests.fixtures.helpers import wait_for_lease
 from tests.fixtures.postgres import DSN, routes_config
 from tests.fixtures.redis_cluster import cluster_proxy
 
-pytestmark = [pytest.mark.proxy_only, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.proxy_only, pytest.mark.timeout(120), pytest.mark.xdist_group("shared_cluster")]
 
 
 def start(make_proxy, cluster, pg, routes, **overrides):

@@ -22,7 +22,7 @@ from tests.fixtures.postgres import DSN
 from tests.fixtures.redis_cluster import cluster_proxy
 from tests.fixtures.writebehind import Writers, assert_every_ack_landed, routes
 
-pytestmark = [pytest.mark.proxy_only, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.proxy_only, pytest.mark.timeout(180), pytest.mark.xdist_group("shared_cluster")]
 
 PREFIX = "cacheproxy:wb"
 

@@ -14,7 +14,7 @@ from tests.fixtures.moto import ddb, ddb_calls
 from tests.fixtures.ports import free_port
 from tests.fixtures.proxy import ProxyProcess
 
-pytestmark = pytest.mark.proxy_only
+pytestmark = [pytest.mark.proxy_only, pytest.mark.xdist_group("moto")]
 
 # The shared helpers lived here; tests written against this import path keep working.
 __getattr__ = moved_names(moto)

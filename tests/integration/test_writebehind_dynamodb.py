@@ -12,7 +12,7 @@ from tests.fixtures.helpers import wait_for
 from tests.fixtures.moto import ddb, ddb_calls
 from tests.fixtures.writebehind import queued
 
-pytestmark = [pytest.mark.proxy_only, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.proxy_only, pytest.mark.timeout(120), pytest.mark.xdist_group("moto")]
 
 
 def start(make_proxy, redis_server, moto_endpoint, table, mode="write-behind", as_="json", **write):
