@@ -470,6 +470,9 @@ def test_workers_share_the_port(redis_server, tmp_path):
     p = ProxyProcess(redis_server, tmp_path / "workers")
     try:
         p.start(argv=p.command() + ["--workers", "2"])
+        # Both workers serving (the port answers as soon as one is): a worker still importing when
+        # SIGTERM comes dies of it, and serve exits 241 (reported; not what this test is about).
+        wait_until(lambda: p.stderr_text().count("listening on") == 2, timeout=START_TIMEOUT)
         clients = [p.client(protocol=2) for _ in range(20)]
         for i, c in enumerate(clients):
             assert c.set(f"wk:{i}", i) is True
