@@ -29,7 +29,7 @@ def test_postgres_down_under_write_load_loses_nothing(make_proxy, redis_server, 
     pg = make_schema(throwaway_pg.dsn)
     p = start(make_proxy, redis_server, pg, dsn=throwaway_pg.dsn, retry_base_ms=100, retry_max_ms=2000,
               max_attempts=1000)
-    with Writers(p, seconds=OUTAGE_SECONDS + 40) as w:
+    with Writers(p, seconds=120, max_writes=1_000_000) as w:     # bounded: stopped when the block ends
         wait_for(lambda: w.count > 200, timeout=30, what="the write load")
         throwaway_pg.stop()
         down_at = w.count
