@@ -5,9 +5,10 @@
 # 0.0.0.0, CACHEPROXY_ADMIN_PUBLIC=1 only the admin port (for kubelet probes). See docker/entrypoint.sh.
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY pyproject.toml README.md CHANGELOG.md ./
+COPY pyproject.toml requirements.lock README.md CHANGELOG.md ./
 COPY proxy ./proxy
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# The dependencies at the versions pinned in requirements.lock (the test tools in it are not needed).
+RUN pip wheel --no-cache-dir --constraint requirements.lock --wheel-dir /wheels .
 
 FROM python:3.11-slim
 RUN useradd --system --uid 10001 --no-create-home cacheproxy \

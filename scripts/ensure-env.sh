@@ -51,15 +51,25 @@ else
     log "WARNING: PostgreSQL is not reachable on 127.0.0.1:5432; backend tests will fail"
 fi
 
-# The project's virtual environment.
+# The project's virtual environment, with the versions pinned in requirements.lock (the ranges stay in
+# pyproject.toml; README "Dependencies" says how to update the lock). uv installs them in seconds; if
+# uv cannot be had, pip installs the same pins. Reinstalled whenever pyproject.toml or the lock changes.
+UV_VERSION=0.13.9
+lock=requirements.lock
 if [ ! -x .venv/bin/python ]; then
     log "creating .venv"
     python3 -m venv .venv
 fi
 stamp=.venv/.cacheproxy-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    log "installing cacheproxy and its test dependencies into .venv"
-    .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e '.[test]'
-    touch "$stamp"
+wanted=$(cat pyproject.toml "$lock" | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
+    log "installing cacheproxy and its test dependencies ($lock) into .venv"
+    if .venv/bin/uv --version 2>/dev/null | grep -q "^uv $UV_VERSION\b" \
+        || .venv/bin/python -m pip install -q "uv==$UV_VERSION"; then
+        .venv/bin/uv pip install --python .venv/bin/python -q --constraint "$lock" -e '.[test]'
+    else
+        log "uv not available; installing with pip"
+        .venv/bin/python -m pip install -q --constraint "$lock" -e '.[test]'
+    fi
+    echo "$wanted" > "$stamp"
 fi

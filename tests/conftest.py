@@ -5,15 +5,21 @@ checks the tests themselves against real Redis. Tests marked ``proxy_only`` are 
 """
 
 import os
-from pathlib import Path
 
 import pytest
 
-_FIXTURES = Path(__file__).parent / "fixtures"
-_PLUGINS = ["redis_server", "redis_cluster", "proxy", "postgres", "moto", "throwaway_pg"]
-
-# Register only the fixture modules that exist yet (others are written in parallel).
-pytest_plugins = [f"tests.fixtures.{name}" for name in _PLUGINS if (_FIXTURES / f"{name}.py").exists()]
+# The fixture modules, registered as plugins: a test takes their fixtures by name, without importing
+# them (an import would shadow the fixture in the test's signature). A module missing here is an
+# error at startup, not a fixture that silently does not exist.
+pytest_plugins = [
+    "tests.fixtures.redis_server",
+    "tests.fixtures.redis_cluster",
+    "tests.fixtures.proxy",
+    "tests.fixtures.inprocess",
+    "tests.fixtures.postgres",
+    "tests.fixtures.moto",
+    "tests.fixtures.throwaway_pg",
+]
 
 
 def _direct_mode() -> bool:

@@ -90,9 +90,17 @@ def configure(cfg, extra_secrets: frozenset[str] = frozenset()) -> None:
     root = logging.getLogger()
     _handler = logging.StreamHandler(sys.stderr)
     root.handlers[:] = [_handler]
-    logging.getLogger("asyncpg.pool").addFilter(_NoTraceback())
+    fold_expected_tracebacks()
     logging.captureWarnings(True)        # library warnings become log lines too, not raw stderr text
     refresh(cfg, extra_secrets)
+
+
+def fold_expected_tracebacks() -> None:
+    """Install _NoTraceback on asyncpg's pool logger (once). configure() calls it; a program that runs
+    the proxy under its own logging (the tests' in-process proxy) calls it too."""
+    pool = logging.getLogger("asyncpg.pool")
+    if not any(isinstance(f, _NoTraceback) for f in pool.filters):
+        pool.addFilter(_NoTraceback())
 
 
 def refresh(cfg, extra_secrets: frozenset[str] = frozenset()) -> None:

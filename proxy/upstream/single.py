@@ -261,6 +261,9 @@ class UpstreamPool:
                 delay = min(delay * 2, 1.0)
                 continue
             delay = 0.05
+            if self._closing:       # closed while connecting (3.11's wait_for may swallow the cancel)
+                conn.close()
+                return
             self.shared[proto][index] = conn
             self.down_since = None
             await conn.closed

@@ -15,10 +15,7 @@ from proxy.backends.dynamodb import DynamoBackend
 from proxy.backends.postgres import PostgresBackend
 from proxy.config import DynamoBackend as DynamoConfig
 from proxy.config import PostgresBackend as PostgresConfig
-from tests.integration.test_readthrough_dynamodb import tables
-from tests.integration.test_writebehind_postgres import DSN
-
-__all__ = ["tables"]
+from tests.fixtures.postgres import DSN
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -13,17 +13,15 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-pytestmark = [pytest.mark.proxy_only, pytest.mark.timeout(120)]
+from tests.fixtures.redis_cluster import cluster_proxy
 
+pytestmark = [pytest.mark.proxy_only, pytest.mark.timeout(120), pytest.mark.xdist_group("shared_cluster")]
 
-def cluster_proxy(make_proxy, cluster, **overrides):
-    upstream = {"cluster": True, "nodes": cluster.seeds[1:3], **overrides.pop("upstream", {})}
-    return make_proxy(cluster.url, upstream=upstream, **overrides)
 
 
 @pytest.fixture
-def cproxy(make_proxy, shared_cluster):
-    return cluster_proxy(make_proxy, shared_cluster)
+def cproxy(make_inproc_proxy, shared_cluster):
+    return cluster_proxy(make_inproc_proxy, shared_cluster)
 
 
 def keys_by_master(cluster, keys):
@@ -235,8 +233,8 @@ def test_blocking_and_pubsub(cproxy, shared_cluster):
 
 
 @pytest.mark.parametrize("read_from", ["replica", "prefer_replica"])
-def test_replica_reads(make_proxy, shared_cluster, read_from):
-    p = cluster_proxy(make_proxy, shared_cluster, upstream={"read_from": read_from})
+def test_replica_reads(make_inproc_proxy, shared_cluster, read_from):
+    p = cluster_proxy(make_inproc_proxy, shared_cluster, upstream={"read_from": read_from})
     c = p.client(protocol=2)
     for node in shared_cluster.running_nodes():
         node.client().config_resetstat()
@@ -254,10 +252,10 @@ def test_replica_reads(make_proxy, shared_cluster, read_from):
     assert c.incr("r:1") == 2               # writes still go to the masters
 
 
-def test_first_seed_down_uses_the_others(make_proxy, shared_cluster):
+def test_first_seed_down_uses_the_others(make_inproc_proxy, shared_cluster):
     from tests.fixtures.redis_server import free_port
     dead = f"redis://127.0.0.1:{free_port()}"
-    p = make_proxy(dead, upstream={"cluster": True, "nodes": shared_cluster.seeds[2:4]})
+    p = make_inproc_proxy(dead, upstream={"cluster": True, "nodes": shared_cluster.seeds[2:4]})
     c = p.client(protocol=2)
     deadline = time.monotonic() + 10
     while True:

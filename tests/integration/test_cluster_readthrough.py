@@ -16,19 +16,20 @@ import pytest
 import redis
 import redis.asyncio
 
-from tests.integration.test_cluster_basic import cluster_proxy
-from tests.integration.test_readthrough_postgres import DSN, pg, routes_config  # noqa: F401 (pg: fixture)
+from tests.fixtures.helpers import wait_for_lease
+from tests.fixtures.postgres import DSN, routes_config
+from tests.fixtures.redis_cluster import cluster_proxy
 
-pytestmark = [pytest.mark.proxy_only, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.proxy_only, pytest.mark.timeout(120), pytest.mark.xdist_group("shared_cluster")]
 
 
-def start(make_proxy, cluster, pg, routes, **overrides):  # noqa: F811
+def start(make_proxy, cluster, pg, routes, **overrides):
     return cluster_proxy(make_proxy, cluster, backends={"main": {"type": "postgres", "dsn": DSN}},
                          routes=routes, **overrides)
 
 
-def test_misses_load_on_every_node(make_proxy, shared_cluster, pg):  # noqa: F811
-    p = start(make_proxy, shared_cluster, pg, [routes_config(pg, ttl={"seconds": 120, "jitter": 0})])
+def test_misses_load_on_every_node(make_inproc_proxy, shared_cluster, pg):
+    p = start(make_inproc_proxy, shared_cluster, pg, [routes_config(pg, ttl={"seconds": 120, "jitter": 0})])
     c = p.client(protocol=2)
     for i in range(1, 61):
         assert json.loads(c.get(f"user:{i}"))["name"] == f"user {i}"
@@ -43,8 +44,8 @@ def test_misses_load_on_every_node(make_proxy, shared_cluster, pg):  # noqa: F81
     assert 0 < direct.pttl("user:42") <= 120_000
 
 
-def test_mget_exists_and_negative_cache_across_slots(make_proxy, shared_cluster, pg):  # noqa: F811
-    p = start(make_proxy, shared_cluster, pg, [routes_config(pg, ttl={"negative_seconds": 30})])
+def test_mget_exists_and_negative_cache_across_slots(make_inproc_proxy, shared_cluster, pg):
+    p = start(make_inproc_proxy, shared_cluster, pg, [routes_config(pg, ttl={"negative_seconds": 30})])
     c = p.client(protocol=3)
     c.set("plain:1", "p1")
     keys = [f"user:{i}" for i in range(1, 31)] + [f"user:{9000 + i}" for i in range(10)] + ["plain:1", "plain:2"]
@@ -61,8 +62,8 @@ def test_mget_exists_and_negative_cache_across_slots(make_proxy, shared_cluster,
     assert pg.calls() == 43
 
 
-def test_writes_and_deletes_void_leases_across_slots(make_proxy, shared_cluster, pg):  # noqa: F811
-    p = start(make_proxy, shared_cluster, pg, [routes_config(pg)])
+def test_writes_and_deletes_void_leases_across_slots(make_inproc_proxy, shared_cluster, pg):
+    p = start(make_inproc_proxy, shared_cluster, pg, [routes_config(pg)])
     c = p.client(protocol=2)
     assert json.loads(c.get("user:5"))["id"] == 5
     assert c.set("user:5", "app-value") is True
@@ -74,8 +75,8 @@ def test_writes_and_deletes_void_leases_across_slots(make_proxy, shared_cluster,
 
 
 @pytest.mark.timeout(60)
-def test_single_flight_and_fill_guard_on_cluster(make_proxy, shared_cluster, pg):  # noqa: F811
-    p = start(make_proxy, shared_cluster, pg, [routes_config(pg, slow=True)])
+def test_single_flight_and_fill_guard_on_cluster(make_inproc_proxy, shared_cluster, pg):
+    p = start(make_inproc_proxy, shared_cluster, pg, [routes_config(pg, slow=True)])
 
     async def burst():
         clients = [redis.asyncio.Redis(host="127.0.0.1", port=p.port, protocol=2) for _ in range(100)]
@@ -90,15 +91,15 @@ def test_single_flight_and_fill_guard_on_cluster(make_proxy, shared_cluster, pg)
     # A delete while a load waits on Postgres: the fill must not resurrect the key.
     thread = threading.Thread(target=lambda: p.client().get("user:14"))
     thread.start()
-    time.sleep(0.3)
+    wait_for_lease(shared_cluster.direct(), "user:14")     # the load is now waiting on Postgres
     assert p.client().delete("user:14") == 0
     thread.join(10)
     time.sleep(0.2)
     assert shared_cluster.direct().exists("user:14") == 0
 
 
-def test_hash_route_on_cluster(make_proxy, shared_cluster, pg):  # noqa: F811
-    p = start(make_proxy, shared_cluster, pg, [routes_config(pg, **{"as": "hash"})])
+def test_hash_route_on_cluster(make_inproc_proxy, shared_cluster, pg):
+    p = start(make_inproc_proxy, shared_cluster, pg, [routes_config(pg, **{"as": "hash"})])
     c = p.client(protocol=3)
     for i in (3, 4, 5, 6):
         assert c.hget(f"user:{i}", "name") == f"user {i}".encode()

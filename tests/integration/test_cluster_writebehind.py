@@ -16,19 +16,18 @@ import sys
 import pytest
 import redis
 
-from tests.fixtures.redis_server import free_port
-from tests.integration.test_cluster_basic import cluster_proxy
-from tests.integration.test_writebehind_faults import Writers, assert_every_ack_landed
-from tests.integration.test_writebehind_postgres import DSN, REPO, metric_sum, pg, routes, wait_for
+from tests.fixtures.helpers import REPO, metric_sum, wait_for
+from tests.fixtures.ports import free_port
+from tests.fixtures.postgres import DSN
+from tests.fixtures.redis_cluster import cluster_proxy
+from tests.fixtures.writebehind import Writers, assert_every_ack_landed, routes
 
-__all__ = ["pg"]   # the fixture, shared with the Postgres write tests
-
-pytestmark = [pytest.mark.proxy_only, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.proxy_only, pytest.mark.timeout(180), pytest.mark.xdist_group("shared_cluster")]
 
 PREFIX = "cacheproxy:wb"
 
 
-def start(make_proxy, cluster, pg, mode="write-behind", upstream=None, **wb):  # noqa: F811
+def start(make_proxy, cluster, pg, mode="write-behind", upstream=None, **wb):
     admin = free_port()
     p = cluster_proxy(make_proxy, cluster, upstream=upstream or {},
                       backends={"main": {"type": "postgres", "dsn": DSN, "connect_timeout": 1,
@@ -54,8 +53,8 @@ def queued(cluster) -> int:
     return sum(slot_streams(cluster).values())
 
 
-def test_writes_on_every_master_land_and_get_their_ttl_back(make_proxy, shared_cluster, pg):  # noqa: F811
-    p = start(make_proxy, shared_cluster, pg)
+def test_writes_on_every_master_land_and_get_their_ttl_back(make_inproc_proxy, shared_cluster, pg):
+    p = start(make_inproc_proxy, shared_cluster, pg)
     c = p.client(protocol=2)
     direct = shared_cluster.direct()
     ids = range(1, 41)
@@ -75,8 +74,8 @@ def test_writes_on_every_master_land_and_get_their_ttl_back(make_proxy, shared_c
     assert metric_sum(p, "cacheproxy_writebehind_landed_total") >= 40
 
 
-def test_hash_counter_delete_and_mset_across_slots(make_proxy, shared_cluster, pg):  # noqa: F811
-    p = start(make_proxy, shared_cluster, pg, max_delay_ms=3000, batch_size=1000)
+def test_hash_counter_delete_and_mset_across_slots(make_inproc_proxy, shared_cluster, pg):
+    p = start(make_inproc_proxy, shared_cluster, pg, max_delay_ms=3000, batch_size=1000)
     c = p.client(protocol=3)
     direct = shared_cluster.direct()
     assert c.hset("uh:6", "name", "Six") == 0             # loaded from Postgres first, then changed
@@ -97,14 +96,16 @@ def test_hash_counter_delete_and_mset_across_slots(make_proxy, shared_cluster, p
     assert c.get("user:3") is None
 
 
-def test_poison_row_is_dead_lettered_and_replayed_on_a_cluster(make_proxy, shared_cluster, pg):  # noqa: F811
-    p = start(make_proxy, shared_cluster, pg)
+def test_poison_row_is_dead_lettered_and_replayed_on_a_cluster(make_inproc_proxy, shared_cluster, pg):
+    p = start(make_inproc_proxy, shared_cluster, pg)
     c = p.client(protocol=2)
     c.set("user:20", json.dumps({"name": "fine", "email": "f@x"}))
     c.set("user:21", json.dumps({"name": "bad", "email": "no-at-sign"}))     # the CHECK refuses it
     wait_for(lambda: pg.user(20)["name"] == "fine", what="the good row")
     wait_for(lambda: metric_sum(p, "cacheproxy_writebehind_dead_lettered_total") == 1, what="a dead letter")
-    assert json.loads(c.get("user:21"))["name"] == "user 21", "the refused value is dropped from the cache"
+    # The flusher counts the dead letter, then drops the refused value from the cache.
+    wait_for(lambda: json.loads(c.get("user:21"))["name"] == "user 21",
+             what="the refused value dropped from the cache")
     cli = [sys.executable, "-m", "proxy", "dlq"]
     config = str(p.config_path)
     listed = subprocess.run([*cli, "list", "--json", "-c", config], cwd=REPO, capture_output=True, text=True,
@@ -119,8 +120,8 @@ def test_poison_row_is_dead_lettered_and_replayed_on_a_cluster(make_proxy, share
     wait_for(lambda: pg.user(21)["email"] == "no-at-sign", what="the replayed row")
 
 
-def test_write_through_on_a_cluster(make_proxy, shared_cluster, pg):  # noqa: F811
-    p = start(make_proxy, shared_cluster, pg, mode="write-through")
+def test_write_through_on_a_cluster(make_inproc_proxy, shared_cluster, pg):
+    p = start(make_inproc_proxy, shared_cluster, pg, mode="write-through")
     c = p.client(protocol=2)
     for i in range(30, 36):
         assert c.set(f"user:{i}", json.dumps({"name": f"T{i}", "email": f"{i}@x"})) is True
@@ -130,7 +131,7 @@ def test_write_through_on_a_cluster(make_proxy, shared_cluster, pg):  # noqa: F8
     assert queued(shared_cluster) == 0
 
 
-def test_master_killed_under_write_load_loses_no_acknowledged_write(make_proxy, redis_cluster, pg):  # noqa: F811
+def test_master_killed_under_write_load_loses_no_acknowledged_write(make_proxy, redis_cluster, pg):
     p = start(make_proxy, redis_cluster, pg, upstream={"command_timeout": 15}, max_delay_ms=200)
     with Writers(p, clients=8, seconds=60, max_writes=6000) as w:
         wait_for(lambda: w.count > 1000, timeout=30, what="write load")
@@ -152,7 +153,7 @@ def test_master_killed_under_write_load_loses_no_acknowledged_write(make_proxy, 
         c.set("ro:1", "x")
 
 
-def test_streams_missing_from_the_dirty_sets_are_found_by_the_sweep(make_proxy, shared_cluster, pg):  # noqa: F811
+def test_streams_missing_from_the_dirty_sets_are_found_by_the_sweep(make_proxy, shared_cluster, pg):
     # A sidecar that dies between a write's script and its SADD leaves a queued entry in a slot stream
     # that no dirty set names. Here: queue writes (a one-minute batch delay holds them), wipe the dirty
     # sets, SIGKILL the proxy and start it again: the sweep at startup must find every stream.
@@ -170,7 +171,7 @@ def test_streams_missing_from_the_dirty_sets_are_found_by_the_sweep(make_proxy, 
     wait_for(lambda: queued(shared_cluster) == 0, what="the queue to drain")
 
 
-def test_reshard_under_write_load_moves_the_queue_with_its_slots(make_proxy, redis_cluster, pg):  # noqa: F811
+def test_reshard_under_write_load_moves_the_queue_with_its_slots(make_proxy, redis_cluster, pg):
     # The slot streams, pending marks and consumer groups migrate with their slots (MIGRATE keeps a
     # stream's groups): writes and the flusher follow the redirects, and nothing is lost.
     p = start(make_proxy, redis_cluster, pg, max_delay_ms=100)
@@ -198,11 +199,11 @@ def test_reshard_under_write_load_moves_the_queue_with_its_slots(make_proxy, red
         assert json.loads(c.get(f"user:{key}"))["name"] == db[key], f"user:{key}: cache and database disagree"
 
 
-def test_write_to_an_unreachable_slot_is_refused_not_written_through(make_proxy, redis_cluster, pg):  # noqa: F811
+def test_write_to_an_unreachable_slot_is_refused_not_written_through(make_inproc_proxy, redis_cluster, pg):
     # With a shard's master and replica both down, its slots are unreachable. On a single node the
     # proxy would take a plain SET through to the database; on a cluster it must not (queued entries
     # of the slot would land over it after recovery): the client gets an error and nothing changes.
-    p = start(make_proxy, redis_cluster, pg, upstream={"command_timeout": 1})
+    p = start(make_inproc_proxy, redis_cluster, pg, upstream={"command_timeout": 1})
     c = p.client(protocol=2, socket_timeout=30)
     master = redis_cluster.node_for_key("user:1")
     for node in redis_cluster.running_nodes():

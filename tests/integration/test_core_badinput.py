@@ -36,8 +36,8 @@ def assert_serving(endpoint, tag: str = "x"):
 
 
 @pytest.mark.parametrize("payload", list(MALFORMED.values()), ids=list(MALFORMED))
-def test_malformed_frame_closes_only_that_client(proxy, payload):
-    with proxy.raw() as other, proxy.raw() as bad:
+def test_malformed_frame_closes_only_that_client(inproc_proxy, payload):
+    with inproc_proxy.raw() as other, inproc_proxy.raw() as bad:
         assert other.cmd("SET", "mf:k", "v").value == "OK"
         # half-finished pipeline on the other client, completed after the bad one is dropped
         other.send(b"*2\r\n$3\r\nGET\r\n$4\r\nmf:k")
@@ -46,27 +46,27 @@ def test_malformed_frame_closes_only_that_client(proxy, payload):
         bad.send(payload)
         line = bad.read_line(timeout=3)
         assert line.startswith(b"-ERR Protocol error"), line
-        assert bad.wait_closed(3), "the proxy kept the connection open after a protocol error"
+        assert bad.wait_closed(3), "the inproc_proxy kept the connection open after a protocol error"
         other.send(b"\r\n")
         assert other.read_raw() == b"$1\r\nv\r\n"
         assert other.cmd("PING").value == "PONG"
     for i in range(3):  # the shared upstream connections were not poisoned
-        assert_serving(proxy, f"after{i}")
-    assert_no_traceback(proxy)
+        assert_serving(inproc_proxy, f"after{i}")
+    assert_no_traceback(inproc_proxy)
 
 
-def test_inline_over_default_limit(proxy):
-    with proxy.raw() as bad:
+def test_inline_over_default_limit(inproc_proxy):
+    with inproc_proxy.raw() as bad:
         bad.send(b"a" * (70 * 1024))
         line = bad.read_line(timeout=5)
         assert line.startswith(b"-ERR Protocol error"), line
         assert bad.wait_closed(3)
-    assert_serving(proxy)
+    assert_serving(inproc_proxy)
 
 
 @pytest.mark.proxy_only
-def test_bulk_over_configured_limit(redis_server, make_proxy):
-    proxy = make_proxy(redis_server, limits={"max_bulk_len": 1024})
+def test_bulk_over_configured_limit(redis_server, make_inproc_proxy):
+    proxy = make_inproc_proxy(redis_server, limits={"max_bulk_len": 1024})
     with proxy.raw() as ok:
         assert ok.cmd("SET", "lim:k", "x" * 1024).value == "OK"
         assert ok.cmd("STRLEN", "lim:k").value == 1024
@@ -84,8 +84,8 @@ def test_bulk_over_configured_limit(redis_server, make_proxy):
 
 
 @pytest.mark.proxy_only
-def test_multibulk_over_configured_limit(redis_server, make_proxy):
-    proxy = make_proxy(redis_server, limits={"max_multibulk_len": 16})
+def test_multibulk_over_configured_limit(redis_server, make_inproc_proxy):
+    proxy = make_inproc_proxy(redis_server, limits={"max_multibulk_len": 16})
     with proxy.raw() as ok:
         assert ok.cmd("DEL", *[f"k{i}" for i in range(15)]).value == 0  # 16 elements: allowed
     with proxy.raw() as bad:
@@ -97,8 +97,8 @@ def test_multibulk_over_configured_limit(redis_server, make_proxy):
 
 
 @pytest.mark.proxy_only
-def test_inline_over_configured_limit(redis_server, make_proxy):
-    proxy = make_proxy(redis_server, limits={"max_inline_len": 1024})
+def test_inline_over_configured_limit(redis_server, make_inproc_proxy):
+    proxy = make_inproc_proxy(redis_server, limits={"max_inline_len": 1024})
     with proxy.raw() as ok:
         ok.send(b"ECHO " + b"y" * 500 + b"\r\n")
         assert ok.read_frame().value == b"y" * 500
@@ -111,12 +111,12 @@ def test_inline_over_configured_limit(redis_server, make_proxy):
 
 
 @pytest.mark.timeout(60)
-def test_client_disconnects_mid_pipeline(proxy):
+def test_client_disconnects_mid_pipeline(inproc_proxy):
     big = b"v" * 10_000
-    proxy.redis.client().set("mp:big", big)
-    with proxy.raw() as other:
+    inproc_proxy.redis.client().set("mp:big", big)
+    with inproc_proxy.raw() as other:
         for round_ in range(10):
-            s = socket.create_connection((proxy.host, proxy.port))
+            s = socket.create_connection((inproc_proxy.host, inproc_proxy.port))
             cmds = []
             for i in range(1000):
                 cmds.append(encode_command("GET", "mp:big") if i % 2 else encode_command("INCR", "mp:ctr"))
@@ -126,15 +126,15 @@ def test_client_disconnects_mid_pipeline(proxy):
             s.close()
             assert other.cmd("ECHO", f"r{round_}").value == f"r{round_}".encode()
         # a frame cut in half, then gone
-        s = socket.create_connection((proxy.host, proxy.port))
+        s = socket.create_connection((inproc_proxy.host, inproc_proxy.port))
         s.sendall(b"*3\r\n$3\r\nSET\r\n$5\r\nmp:hf\r\n$10\r\nabc")
         s.close()
         time.sleep(0.3)
         assert other.cmd("GET", "mp:hf").value is None
         assert other.cmd("GET", "mp:big").value == big
-    assert_serving(proxy)
-    assert proxy.alive
-    assert_no_traceback(proxy)
+    assert_serving(inproc_proxy)
+    assert inproc_proxy.alive
+    assert_no_traceback(inproc_proxy)
 
 
 STATES = {
@@ -152,9 +152,9 @@ STATES = {
 
 @pytest.mark.parametrize("state", list(STATES.values()), ids=list(STATES))
 @pytest.mark.timeout(30)
-def test_client_leaves_in_stateful_command(proxy, state):
+def test_client_leaves_in_stateful_command(inproc_proxy, state):
     """A pinned connection left behind must not leak its state into anyone else's commands."""
-    leaver = proxy.raw()
+    leaver = inproc_proxy.raw()
     blocking = state[0][0] == "BLPOP"
     for command in state:
         leaver.send_command(*command)
@@ -165,19 +165,19 @@ def test_client_leaves_in_stateful_command(proxy, state):
     time.sleep(0.3)
     # a fresh batch of clients (more than the pool size) sees plain db-0, non-transactional Redis
     for i in range(8):
-        with proxy.raw() as c:
+        with inproc_proxy.raw() as c:
             assert c.cmd("SET", "st:k", f"v{i}").value == "OK", "command got queued/blocked/rejected"
             assert c.cmd("GET", "st:k").value == f"v{i}".encode()
             assert c.cmd("CLIENT", "GETNAME").value is None
-    assert proxy.redis.client(db=0).get("st:k") == b"v7"
-    assert proxy.redis.client(db=1).get("st:k") is None
+    assert inproc_proxy.redis.client(db=0).get("st:k") == b"v7"
+    assert inproc_proxy.redis.client(db=1).get("st:k") is None
     # nobody is still blocked on the leaver's behalf, eating pushed items
-    r = proxy.redis.client()
+    r = inproc_proxy.redis.client()
     r.lpush("st:q", "item")
     time.sleep(0.3)
     assert r.llen("st:q") == 1, "a zombie BLPOP consumed the item"
-    assert proxy.client(protocol=2).publish("st:chan", "x") == 0, "a zombie subscription is still active"
-    assert_no_traceback(proxy)
+    assert inproc_proxy.client(protocol=2).publish("st:chan", "x") == 0, "a zombie subscription is still active"
+    assert_no_traceback(inproc_proxy)
 
 
 def _rss_kb(pid: int) -> int:
@@ -227,16 +227,16 @@ def test_client_that_never_reads_is_throttled(redis_server, make_proxy):
 
 
 @pytest.mark.timeout(60)
-def test_slow_reader_gets_every_reply_in_order(proxy):
+def test_slow_reader_gets_every_reply_in_order(inproc_proxy):
     """A client that pipelines 3,000 commands (60 MB of replies), reads nothing for a while, then
     reads: throttling must pause it, never drop or reorder its replies."""
     value = b"s" * 20_000
-    proxy.redis.client().set("slow:v", value)
+    inproc_proxy.redis.client().set("slow:v", value)
     n = 3000
     request = b"".join(
         encode_command("ECHO", f"m{i}") if i % 3 == 0 else encode_command("GET", "slow:v") for i in range(n)
     )
-    with proxy.raw(timeout=20) as c:
+    with inproc_proxy.raw(timeout=20) as c:
         sender = threading.Thread(target=c.send, args=(request,), daemon=True)
         sender.start()
         time.sleep(1.0)
@@ -246,7 +246,7 @@ def test_slow_reader_gets_every_reply_in_order(proxy):
             assert frame.value == expected, (i, frame.kind, (frame.value or b"")[:40])
         sender.join(10)
         assert c.cmd("PING").value == "PONG"
-    assert_no_traceback(proxy)
+    assert_no_traceback(inproc_proxy)
 
 
 @pytest.mark.proxy_only

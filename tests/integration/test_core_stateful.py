@@ -5,11 +5,14 @@ another client (and never blocking the other clients), CLIENT TRACKING invalidat
 """
 
 import asyncio
+import select
 import threading
 import time
 
 import pytest
 import redis
+
+from tests.fixtures.helpers import async_wait_blocked, wait_blocked
 
 PROTOCOLS = pytest.mark.parametrize("protocol", [2, 3], ids=["resp2", "resp3"])
 
@@ -28,6 +31,18 @@ def no_message(ps, wait: float = 0.3) -> None:
     while time.monotonic() < deadline:
         msg = ps.get_message(timeout=0.05)
         assert msg is None, f"unexpected pub/sub message {msg}"
+
+
+async def async_wait_subscribed(server_client, channel: str, present: bool = True) -> None:
+    """Until Redis has a subscriber of ``channel`` and a pattern subscription (or, with
+    ``present=False``, no subscriber of ``channel`` any more)."""
+    deadline = time.monotonic() + 10
+    while True:
+        numsub = dict(server_client.pubsub_numsub(channel)).get(channel.encode(), 0)
+        if (numsub == 1 and server_client.pubsub_numpat() >= 1) if present else numsub == 0:
+            return
+        assert time.monotonic() < deadline, f"{numsub} subscriber(s) of {channel}"
+        await asyncio.sleep(0.01)
 
 
 def hello(raw, protocol: int) -> None:
@@ -118,7 +133,7 @@ def test_raw_resp3_push_messages(sproxy):
         assert push.kind == ">" and push.py() == [b"message", b"r3", b"hi"]
         # a push arriving between a request and its reply must not be mistaken for the reply
         assert pub.cmd("PUBLISH", "r3", "second").value == 1
-        time.sleep(0.1)
+        assert not sub.buf and select.select([sub.sock], [], [], 5)[0], "the push did not arrive"
         sub.send_command("GET", "r3:k")
         frames = [sub.read_frame(), sub.read_frame()]
         kinds = sorted(f.kind for f in frames)
@@ -144,7 +159,7 @@ async def test_async_pubsub(sproxy, protocol):
                 m = await ps.get_message(ignore_subscribe_messages=True, timeout=1.0)
                 if m is not None:
                     got.append(m)
-        await asyncio.sleep(0.05)
+        await async_wait_subscribed(sproxy.redis.client(), "achan")
         for i in range(5):
             assert await pub.publish("achan", f"m{i}") == 1
         assert await pub.publish("ap:1", "pm") == 1
@@ -153,7 +168,7 @@ async def test_async_pubsub(sproxy, protocol):
         assert got[-1]["type"] == "pmessage" and got[-1]["channel"] == "ap:1"
         await ps.unsubscribe("achan")
         await ps.punsubscribe("ap:*")
-        await asyncio.sleep(0.1)
+        await async_wait_subscribed(sproxy.redis.client(), "achan", present=False)
         assert await pub.publish("achan", "late") == 0
     finally:
         await ps.aclose()
@@ -305,7 +320,7 @@ def test_blpop_woken_by_another_client(sproxy, protocol):
 
     t = threading.Thread(target=block)
     t.start()
-    time.sleep(0.3)
+    wait_blocked(sproxy.redis.client(), "blpop")
     assert t.is_alive(), "BLPOP returned before anything was pushed"
     # the pusher is not stuck behind the blocked client
     t0 = time.monotonic()
@@ -334,7 +349,7 @@ async def test_many_blocked_clients_do_not_block_others(sproxy):
     other = sproxy.async_client(protocol=3, decode_responses=True)
     try:
         tasks = [asyncio.create_task(c.blpop(f"mb:q{i}", timeout=20)) for i, c in enumerate(blockers)]
-        await asyncio.sleep(0.5)
+        await async_wait_blocked(sproxy.redis.client(), "blpop", count=n)
         assert not any(t.done() for t in tasks)
         t0 = time.monotonic()
         for i in range(100):
@@ -355,26 +370,27 @@ async def test_other_blocking_commands(sproxy):
     waiter = sproxy.async_client(protocol=3, decode_responses=True)
     other = sproxy.async_client(protocol=2, decode_responses=True)
     try:
+        direct = sproxy.redis.client()
         t = asyncio.create_task(waiter.blmove("bm:src", "bm:dst", 10, "LEFT", "RIGHT"))
-        await asyncio.sleep(0.2)
+        await async_wait_blocked(direct, "blmove")
         await other.rpush("bm:src", "item")
         assert await asyncio.wait_for(t, 5) == "item"
         assert await other.lrange("bm:dst", 0, -1) == ["item"]
 
         t = asyncio.create_task(waiter.bzpopmin("bz:z", timeout=10))
-        await asyncio.sleep(0.2)
+        await async_wait_blocked(direct, "bzpopmin")
         await other.zadd("bz:z", {"m": 4.5})
         reply = await asyncio.wait_for(t, 5)
         assert list(reply) == ["bz:z", "m", 4.5]
 
         t = asyncio.create_task(waiter.brpop("br:l", timeout=10))
-        await asyncio.sleep(0.2)
+        await async_wait_blocked(direct, "brpop")
         await other.rpush("br:l", "a", "b")
         assert _pair(await asyncio.wait_for(t, 5)) == ("br:l", "b")
 
         await other.xadd("bx:s", {"old": "1"}, id="1-0")
         t = asyncio.create_task(waiter.xread({"bx:s": "$"}, block=10000))
-        await asyncio.sleep(0.2)
+        await async_wait_blocked(direct, "xread")      # XREAD $ only sees entries added after it runs
         await other.xadd("bx:s", {"new": "2"}, id="2-0")
         got = await asyncio.wait_for(t, 5)
         entries = got["bx:s"][0] if isinstance(got, dict) else dict(got)["bx:s"]
@@ -382,7 +398,7 @@ async def test_other_blocking_commands(sproxy):
 
         await other.xgroup_create("bx:s", "g", id="$")
         t = asyncio.create_task(waiter.xreadgroup("g", "c1", {"bx:s": ">"}, block=10000))
-        await asyncio.sleep(0.2)
+        await async_wait_blocked(direct, "xreadgroup")
         await other.xadd("bx:s", {"n": "3"}, id="3-0")
         got = await asyncio.wait_for(t, 5)
         entries = got["bx:s"][0] if isinstance(got, dict) else dict(got)["bx:s"]
@@ -404,7 +420,7 @@ def test_blpop_raw_then_pipeline_on_same_connection(sproxy, protocol):
             b"*3\r\n$3\r\nSET\r\n$5\r\nbr:k1\r\n$1\r\n1\r\n",
             b"*2\r\n$3\r\nGET\r\n$5\r\nbr:k1\r\n",
         ]))
-        time.sleep(0.3)
+        wait_blocked(sproxy.redis.client(), "blpop")
         assert b.cmd("GET", "br:k1").value is None  # SET waits behind BLPOP on A's connection
         assert b.cmd("RPUSH", "br:q1", "x").value == 1
         assert a.read_frame().py() == [b"br:q1", b"x"]

@@ -14,8 +14,8 @@ import subprocess
 
 import pytest
 
-from tests.fixtures.redis_server import free_port
-from tests.integration.test_writebehind_postgres import REPO
+from tests.fixtures.helpers import REPO
+from tests.fixtures.ports import free_port
 
 pytestmark = [pytest.mark.proxy_only, pytest.mark.timeout(300)]
 

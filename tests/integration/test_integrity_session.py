@@ -17,10 +17,10 @@ import asyncpg
 import pytest
 import redis
 
+from tests.fixtures.helpers import wait_for
+from tests.fixtures.postgres import DSN
 from tests.fixtures.proxy import RawClient, encode_command, parse_frame
-from tests.integration.test_writebehind_postgres import DSN, pg, queued, start, wait_for
-
-__all__ = ["pg"]   # the fixture
+from tests.fixtures.writebehind import queued, start
 
 pytestmark = [pytest.mark.proxy_only, pytest.mark.timeout(120)]
 

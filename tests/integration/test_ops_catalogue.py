@@ -8,9 +8,8 @@ import json
 import pytest
 
 from proxy.ops.metrics import CATALOGUE
-from tests.integration.test_writebehind_postgres import metrics, pg, start, wait_for
-
-__all__ = ["pg"]   # the fixture
+from tests.fixtures.helpers import metrics, wait_for
+from tests.fixtures.writebehind import start
 
 pytestmark = [pytest.mark.proxy_only, pytest.mark.timeout(60)]
 

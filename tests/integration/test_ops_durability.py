@@ -14,11 +14,11 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.fixtures.helpers import metrics, wait_for
+from tests.fixtures.postgres import DSN
+from tests.fixtures.redis_cluster import cluster_proxy
 from tests.fixtures.redis_server import RedisServer, free_port
-from tests.integration.test_cluster_basic import cluster_proxy
-from tests.integration.test_writebehind_postgres import DSN, metrics, pg, routes, wait_for
-
-__all__ = ["pg"]
+from tests.fixtures.writebehind import routes
 
 pytestmark = [pytest.mark.proxy_only, pytest.mark.timeout(120)]
 

@@ -10,11 +10,11 @@ import sys
 import pytest
 import yaml
 
+from tests.fixtures.helpers import REPO
+from tests.fixtures.ports import free_port
+from tests.fixtures.postgres import DSN
 from tests.fixtures.proxy import ProxyProcess
-from tests.fixtures.redis_server import free_port
-from tests.integration.test_writebehind_postgres import DSN, REPO, pg, routes
-
-__all__ = ["pg"]
+from tests.fixtures.writebehind import routes
 
 pytestmark = [pytest.mark.proxy_only, pytest.mark.timeout(60)]
 

@@ -12,8 +12,9 @@ import urllib.request
 import pytest
 import yaml
 
-from tests.fixtures.redis_server import RedisServer, free_port
-from tests.integration.test_writebehind_postgres import wait_for
+from tests.fixtures.helpers import wait_for
+from tests.fixtures.ports import free_port
+from tests.fixtures.redis_server import RedisServer
 
 pytestmark = [pytest.mark.proxy_only, pytest.mark.timeout(120)]
 

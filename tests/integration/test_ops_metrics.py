@@ -16,20 +16,10 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fixtures.redis_server import free_port
-from tests.integration.test_writebehind_postgres import (
-    REPO,
-    make_schema,
-    metric_sum,
-    metrics,
-    pg,
-    queued,
-    routes,
-    start,
-    wait_for,
-)
-
-__all__ = ["pg"]   # the fixture, shared with the write-behind tests
+from tests.fixtures.helpers import REPO, metric_sum, metrics, wait_for
+from tests.fixtures.ports import free_port
+from tests.fixtures.postgres import make_schema
+from tests.fixtures.writebehind import queued, routes, start
 
 pytestmark = [pytest.mark.proxy_only, pytest.mark.timeout(120)]
 
@@ -50,9 +40,9 @@ def get(url: str) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
-def test_readyz_follows_postgres(make_proxy, redis_server, throwaway_pg):
+def test_readyz_follows_postgres(make_inproc_proxy, redis_server, throwaway_pg):
     schema = make_schema(throwaway_pg.dsn)
-    p = start(make_proxy, redis_server, schema, dsn=throwaway_pg.dsn)
+    p = start(make_inproc_proxy, redis_server, schema, dsn=throwaway_pg.dsn)
     admin = f"http://127.0.0.1:{p.admin_port}"
     assert get(f"{admin}/readyz") == (200, {"ready": True, "problems": {}, "warnings": {}})
     throwaway_pg.stop()
@@ -66,8 +56,8 @@ def test_readyz_follows_postgres(make_proxy, redis_server, throwaway_pg):
     wait_for(lambda: get(f"{admin}/readyz")[0] == 200, timeout=20, what="/readyz back to 200")
 
 
-def test_readyz_follows_the_upstream(make_proxy, redis_server, pg):
-    p = start(make_proxy, redis_server, pg)
+def test_readyz_follows_the_upstream(make_inproc_proxy, redis_server, pg):
+    p = start(make_inproc_proxy, redis_server, pg)
     admin = f"http://127.0.0.1:{p.admin_port}"
     assert get(f"{admin}/readyz")[0] == 200
     redis_server.stop()
@@ -84,7 +74,7 @@ def test_readyz_follows_the_upstream(make_proxy, redis_server, pg):
     assert missing.value.code == 404
 
 
-def test_readyz_names_a_hung_backend_without_waiting_for_it(make_proxy, redis_server, pg, monkeypatch):
+def test_readyz_names_a_hung_backend_without_waiting_for_it(make_inproc_proxy, redis_server, pg, monkeypatch):
     """Backends that accept connections but never answer: /readyz answers 503 within its 2 s
     per-check bound (checks run concurrently), naming them; the healthy one is not listed."""
     for name, value in (("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"),
@@ -94,7 +84,7 @@ def test_readyz_names_a_hung_backend_without_waiting_for_it(make_proxy, redis_se
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)            # never accepted, never answered
         admin, hung = free_port(), f"http://127.0.0.1:{silent.getsockname()[1]}"
-        make_proxy(redis_server, admin={"enabled": True, "port": admin}, routes=routes(pg.schema)[:1],
+        make_inproc_proxy(redis_server, admin={"enabled": True, "port": admin}, routes=routes(pg.schema)[:1],
                    backends={"main": {"type": "postgres", "dsn": pg.dsn},
                              "ddb": {"type": "dynamodb", "endpoint_url": hung},
                              "ddb2": {"type": "dynamodb", "endpoint_url": hung}})
@@ -104,11 +94,11 @@ def test_readyz_names_a_hung_backend_without_waiting_for_it(make_proxy, redis_se
         assert status == 503 and body["problems"] == {"backend:ddb": "timed out", "backend:ddb2": "timed out"}
 
 
-def test_metrics_follow_traffic(make_proxy, redis_server, pg):
+def test_metrics_follow_traffic(make_inproc_proxy, redis_server, pg):
     slow = {"key": "slow:{id:int}", "backend": "main",
             "read": {"query": f"SELECT u.id, u.name FROM {pg.schema}.users u, pg_sleep(0.5) WHERE u.id = $1",
                      "as": "json"}}
-    p = start(make_proxy, redis_server, pg, route_list=routes(pg.schema) + [slow])
+    p = start(make_inproc_proxy, redis_server, pg, route_list=routes(pg.schema) + [slow])
     c = p.client(protocol=2)
     for _ in range(3):
         c.get("user:1")            # 1 miss (a load), 2 hits
@@ -158,9 +148,9 @@ def test_metrics_follow_traffic(make_proxy, redis_server, pg):
     assert metric_sum(p, 'cacheproxy_upstream_events_total{event="connects"}') >= 1
 
 
-def test_backend_errors_queue_depth_and_stats(make_proxy, redis_server, throwaway_pg):
+def test_backend_errors_queue_depth_and_stats(make_inproc_proxy, redis_server, throwaway_pg):
     schema = make_schema(throwaway_pg.dsn)
-    p = start(make_proxy, redis_server, schema, dsn=throwaway_pg.dsn)
+    p = start(make_inproc_proxy, redis_server, schema, dsn=throwaway_pg.dsn)
     c = p.client(protocol=2)
     for _ in range(3):
         c.get("user:1")            # 1 miss, 2 hits

@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import asyncpg
 import pytest
 
+from tests.fixtures.helpers import metric_sum
 from tests.fixtures.redis_server import free_port
-from tests.integration.test_writebehind_postgres import metric_sum
 
 DSN = "postgresql://postgres@127.0.0.1:5432/test"
 

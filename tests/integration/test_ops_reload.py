@@ -13,11 +13,10 @@ import pytest
 import redis
 import yaml
 
+from tests.fixtures.helpers import REPO, wait_for
+from tests.fixtures.ports import free_port
 from tests.fixtures.proxy import ProxyProcess
-from tests.fixtures.redis_server import free_port
-from tests.integration.test_writebehind_postgres import REPO, pg, routes, start, user_route, wait_for
-
-__all__ = ["pg"]   # the fixture, shared with the write-behind tests
+from tests.fixtures.writebehind import routes, start, user_route
 
 pytestmark = [pytest.mark.proxy_only, pytest.mark.timeout(120)]
 

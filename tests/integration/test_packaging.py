@@ -24,9 +24,9 @@ import yaml
 
 from proxy import __version__
 from proxy.config import config_from_dict
+from tests.fixtures.helpers import REPO, wait_for
+from tests.fixtures.ports import free_port
 from tests.fixtures.proxy import RawClient
-from tests.fixtures.redis_server import free_port
-from tests.integration.test_writebehind_postgres import REPO, wait_for
 
 pytestmark = pytest.mark.proxy_only
 
@@ -178,13 +178,14 @@ def test_pip_install_gives_a_working_command(tmp_path):
         shutil.copy(REPO / name, src / name)
     shutil.copytree(REPO / "proxy", src / "proxy", ignore=shutil.ignore_patterns("__pycache__"))
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    # No pip of its own (ensurepip costs seconds): .venv's pip installs into it (pip --python).
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     site = subprocess.run([venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True, timeout=30).stdout.strip()
     with open(os.path.join(site, "zz-cacheproxy-deps.pth"), "w") as f:     # .venv's packages, after its own
         f.write(sysconfig.get_paths()["purelib"] + "\n")
-    out = subprocess.run([venv / "bin" / "pip", "install", "-q", "--no-deps", str(src)], capture_output=True,
-                         text=True, timeout=200)
+    out = subprocess.run([sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "-q",
+                          "--no-deps", str(src)], capture_output=True, text=True, timeout=200)
     assert out.returncode == 0, out.stdout + out.stderr
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     version = subprocess.run([venv / "bin" / "cacheproxy", "--version"], cwd=tmp_path, capture_output=True,

@@ -2,42 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-import uuid
 
 import pytest
 import redis
-from aiobotocore.session import get_session
 
+from tests.fixtures.moto import ddb, ddb_calls
+from tests.fixtures.ports import free_port
 from tests.fixtures.proxy import ProxyProcess
 
-pytestmark = pytest.mark.proxy_only
+pytestmark = [pytest.mark.proxy_only, pytest.mark.xdist_group("moto")]
 
 
-def ddb(endpoint: str, method: str, **kwargs):
-    async def call():
-        async with get_session().create_client("dynamodb", region_name="us-east-1", endpoint_url=endpoint) as c:
-            return await getattr(c, method)(**kwargs)
-    return asyncio.run(call())
-
-
-@pytest.fixture
-def tables(moto_endpoint):
-    """Fresh Profiles (hash key UserId) and Events (UserId + numeric Seq) tables for one test."""
-    suffix = uuid.uuid4().hex[:8]
-    names = {"profiles": f"Profiles{suffix}", "events": f"Events{suffix}"}
-    ddb(moto_endpoint, "create_table", TableName=names["profiles"], BillingMode="PAY_PER_REQUEST",
-        KeySchema=[{"AttributeName": "UserId", "KeyType": "HASH"}],
-        AttributeDefinitions=[{"AttributeName": "UserId", "AttributeType": "S"}])
-    ddb(moto_endpoint, "create_table", TableName=names["events"], BillingMode="PAY_PER_REQUEST",
-        KeySchema=[{"AttributeName": "UserId", "KeyType": "HASH"}, {"AttributeName": "Seq", "KeyType": "RANGE"}],
-        AttributeDefinitions=[{"AttributeName": "UserId", "AttributeType": "S"},
-                              {"AttributeName": "Seq", "AttributeType": "N"}])
-    yield names
-    for table in names.values():
-        ddb(moto_endpoint, "delete_table", TableName=table)
 
 
 def start(make_proxy, redis_server, moto_endpoint, routes):
@@ -45,11 +22,11 @@ def start(make_proxy, redis_server, moto_endpoint, routes):
                       routes=routes)
 
 
-def test_getitem_as_hash_miss_then_hit(make_proxy, redis_server, moto_endpoint, tables):
+def test_getitem_as_hash_miss_then_hit(make_inproc_proxy, redis_server, moto_endpoint, tables):
     ddb(moto_endpoint, "put_item", TableName=tables["profiles"], Item={
         "UserId": {"S": "u1"}, "Plan": {"S": "pro"}, "Logins": {"N": "42"}, "Active": {"BOOL": True},
         "Gone": {"NULL": True}})
-    p = start(make_proxy, redis_server, moto_endpoint, [
+    p = start(make_inproc_proxy, redis_server, moto_endpoint, [
         {"key": "profile:{user_id}", "backend": "ddb",
          "read": {"table": tables["profiles"], "key": {"UserId": "{user_id}"}, "as": "hash"}}])
     c = p.client(protocol=3)
@@ -61,13 +38,13 @@ def test_getitem_as_hash_miss_then_hit(make_proxy, redis_server, moto_endpoint, 
     assert c.hgetall("profile:nobody") == {}
 
 
-def test_getitem_as_json_keeps_types(make_proxy, redis_server, moto_endpoint, tables):
+def test_getitem_as_json_keeps_types(make_inproc_proxy, redis_server, moto_endpoint, tables):
     ddb(moto_endpoint, "put_item", TableName=tables["profiles"], Item={
         "UserId": {"S": "u2"}, "Big": {"N": "12345678901234567890.123456789"}, "Blob": {"B": b"\x00\xffbin"},
         "Tags": {"SS": ["b", "a"]}, "Scores": {"NS": ["3", "1.5"]}, "Nested": {"M": {"L": {"L": [{"N": "1"},
                                                                                            {"S": "x"}]}}},
         "Name": {"S": "Zoë ☃"}})
-    p = start(make_proxy, redis_server, moto_endpoint, [
+    p = start(make_inproc_proxy, redis_server, moto_endpoint, [
         {"key": "profile:{user_id}", "backend": "ddb",
          "read": {"table": tables["profiles"], "key": {"UserId": "{user_id}"}, "as": "json"}}])
     raw = p.client().get("profile:u2")
@@ -78,13 +55,12 @@ def test_getitem_as_json_keeps_types(make_proxy, redis_server, moto_endpoint, ta
     assert item["Nested"] == {"L": [1, "x"]} and item["Name"] == "Zoë ☃"
 
 
-def test_query_route_returns_a_json_array_over_pages(make_proxy, redis_server, moto_endpoint, tables):
+def test_query_route_returns_a_json_array_over_pages(make_inproc_proxy, redis_server, moto_endpoint, tables):
     filler = "x" * 40_000       # 40 items of 40 KB: more than DynamoDB's 1 MB page, so Query paginates
-    for seq in range(40):
-        ddb(moto_endpoint, "put_item", TableName=tables["events"], Item={
-            "UserId": {"S": "u3"}, "Seq": {"N": str(seq)}, "Pad": {"S": filler}})
+    ddb_calls(moto_endpoint, [("put_item", {"TableName": tables["events"], "Item": {
+        "UserId": {"S": "u3"}, "Seq": {"N": str(seq)}, "Pad": {"S": filler}}}) for seq in range(40)])
     ddb(moto_endpoint, "put_item", TableName=tables["events"], Item={"UserId": {"S": "other"}, "Seq": {"N": "1"}})
-    p = start(make_proxy, redis_server, moto_endpoint, [
+    p = start(make_inproc_proxy, redis_server, moto_endpoint, [
         {"key": "events:{user_id}", "backend": "ddb",
          "read": {"table": tables["events"], "key_condition": "UserId = :u", "values": {":u": "{user_id}"},
                   "many": True, "as": "json"}}])
@@ -93,10 +69,10 @@ def test_query_route_returns_a_json_array_over_pages(make_proxy, redis_server, m
     assert json.loads(p.client().get("events:nobody")) == []
 
 
-def test_numeric_sort_key_and_string_route(make_proxy, redis_server, moto_endpoint, tables):
+def test_numeric_sort_key_and_string_route(make_inproc_proxy, redis_server, moto_endpoint, tables):
     ddb(moto_endpoint, "put_item", TableName=tables["events"], Item={
         "UserId": {"S": "u4"}, "Seq": {"N": "7"}, "Kind": {"S": "login"}})
-    p = start(make_proxy, redis_server, moto_endpoint, [
+    p = start(make_inproc_proxy, redis_server, moto_endpoint, [
         {"key": "event:{user_id}:{seq:int}", "backend": "ddb",
          "read": {"table": tables["events"], "key": {"UserId": "{user_id}", "Seq": "{seq}"}, "as": "string",
                   "column": "Kind"}}])
@@ -116,10 +92,9 @@ def test_missing_table_stops_startup_with_a_clear_message(redis_server, moto_end
     assert "NoSuchTable" in p.stderr_text() and "does not exist" in p.stderr_text()
 
 
-def test_backend_down_gives_a_clear_error_and_caches_nothing(make_proxy, redis_server, tables):
+def test_backend_down_gives_a_clear_error_and_caches_nothing(make_inproc_proxy, redis_server, tables):
     # An endpoint nobody listens on: DynamoDB is "down" from the proxy's point of view.
-    from tests.fixtures.redis_server import free_port
-    p = make_proxy(redis_server, backends={"ddb": {"type": "dynamodb", "endpoint_url": f"http://127.0.0.1:{free_port()}",
+    p = make_inproc_proxy(redis_server, backends={"ddb": {"type": "dynamodb", "endpoint_url": f"http://127.0.0.1:{free_port()}",
                                                    "timeout": 1}},
                    routes=[{"key": "profile:{user_id}", "backend": "ddb",
                             "read": {"table": tables["profiles"], "key": {"UserId": "{user_id}"}, "as": "hash"}}])

@@ -16,11 +16,9 @@ import asyncpg
 import pytest
 import redis
 
+from tests.fixtures.helpers import metric_sum
+from tests.fixtures.moto import ddb
 from tests.fixtures.redis_server import free_port
-from tests.integration.test_readthrough_dynamodb import ddb, tables
-from tests.integration.test_writebehind_postgres import metric_sum
-
-__all__ = ["tables"]     # the fixture, shared with the DynamoDB read tests
 
 DSN = "postgresql://postgres@127.0.0.1:5432/test"
 

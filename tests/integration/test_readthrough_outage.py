@@ -24,8 +24,8 @@ def start(make_proxy, redis_server, pg, ttl=None):
                       routes=[route])
 
 
-def test_postgres_stopped_then_restarted(make_proxy, redis_server, throwaway_pg):
-    p = start(make_proxy, redis_server, throwaway_pg)
+def test_postgres_stopped_then_restarted(make_inproc_proxy, redis_server, throwaway_pg):
+    p = start(make_inproc_proxy, redis_server, throwaway_pg)
     c = p.client(protocol=2)
     assert json.loads(c.get("user:1"))["name"] == "user 1"
     throwaway_pg.stop()
@@ -47,8 +47,8 @@ def test_postgres_stopped_then_restarted(make_proxy, redis_server, throwaway_pg)
     assert "Traceback" not in p.stderr_text()
 
 
-def test_stale_if_error_serves_the_last_value(make_proxy, redis_server, throwaway_pg):
-    p = start(make_proxy, redis_server, throwaway_pg, ttl={"seconds": 1, "jitter": 0, "stale_if_error": 30})
+def test_stale_if_error_serves_the_last_value(make_inproc_proxy, redis_server, throwaway_pg):
+    p = start(make_inproc_proxy, redis_server, throwaway_pg, ttl={"seconds": 1, "jitter": 0, "stale_if_error": 30})
     c = p.client()
     assert json.loads(c.get("user:3"))["name"] == "user 3"
     throwaway_pg.stop()

@@ -1,7 +1,7 @@
 """Read-through from Postgres through the proxy: misses load, hits don't, TTL policy, concurrency.
 
-Every route reads through a SQL function that counts its calls in a table, so "one backend query" is
-measured on the Postgres side, not inferred from the proxy.
+Every route reads through a SQL function that counts its calls in a table (tests/fixtures/postgres.py),
+so "one backend query" is measured on the Postgres side, not inferred from the proxy.
 """
 
 from __future__ import annotations
@@ -10,83 +10,14 @@ import asyncio
 import json
 import threading
 import time
-import uuid
 
-import asyncpg
 import pytest
 import redis
 import redis.asyncio
 
-from tests.fixtures.redis_server import free_port
-
-DSN = "postgresql://postgres@127.0.0.1:5432/test"
-
-SCHEMA_SQL = """
-CREATE TABLE {s}.users (id bigint PRIMARY KEY, name text, email text, score numeric, nick text);
-CREATE TABLE {s}.calls (n int NOT NULL);
-INSERT INTO {s}.calls VALUES (0);
-CREATE FUNCTION {s}.get_user(uid bigint) RETURNS SETOF {s}.users LANGUAGE plpgsql AS $$
-BEGIN
-  UPDATE {s}.calls SET n = n + 1;
-  RETURN QUERY SELECT * FROM {s}.users WHERE id = uid;
-END $$;
-CREATE FUNCTION {s}.get_user_slow(uid bigint) RETURNS SETOF {s}.users LANGUAGE plpgsql AS $$
-BEGIN
-  UPDATE {s}.calls SET n = n + 1;
-  PERFORM pg_sleep(0.8);
-  RETURN QUERY SELECT * FROM {s}.users WHERE id = uid;
-END $$;
-INSERT INTO {s}.users
-  SELECT i, 'user ' || i, 'u' || i || '@example.com', i * 1.5, NULL FROM generate_series(1, 200) AS i;
-INSERT INTO {s}.users VALUES
-  (1000, 'Zoë ☃ 日本', 'z@example.com', 123456789012345678901234567890.123456789, NULL);
-"""
-
-
-@pytest.fixture
-def pg(tmp_path):
-    """A private schema with users, a call counter and the counting read functions."""
-    schema = "rt_" + uuid.uuid4().hex[:10]
-
-    async def setup():
-        conn = await asyncpg.connect(DSN)
-        try:
-            await conn.execute(f"CREATE SCHEMA {schema}")
-            await conn.execute(SCHEMA_SQL.format(s=schema))
-        finally:
-            await conn.close()
-
-    asyncio.run(setup())
-    helper = _Pg(schema)
-    yield helper
-    asyncio.run(helper.execute(f"DROP SCHEMA {schema} CASCADE"))
-
-
-class _Pg:
-    def __init__(self, schema: str):
-        self.schema = schema
-
-    async def execute(self, sql: str, *args):
-        conn = await asyncpg.connect(DSN)
-        try:
-            return await conn.fetch(sql, *args)
-        finally:
-            await conn.close()
-
-    def run(self, sql: str, *args):
-        return asyncio.run(self.execute(sql.format(s=self.schema), *args))
-
-    def calls(self) -> int:
-        return self.run("SELECT n FROM {s}.calls")[0]["n"]
-
-
-def routes_config(pg, ttl=None, slow=False, **read):
-    fn = "get_user_slow" if slow else "get_user"
-    base = {"key": "user:{id:int}", "backend": "main",
-            "read": {"query": f"SELECT id, name, email, score, nick FROM {pg.schema}.{fn}($1)", "as": "json", **read}}
-    if ttl is not None:
-        base["ttl"] = ttl
-    return base
+from tests.fixtures.helpers import route_metric, wait_for_lease
+from tests.fixtures.ports import free_port
+from tests.fixtures.postgres import DSN, routes_config
 
 
 def start(make_proxy, redis_server, pg, routes, **overrides):
@@ -97,20 +28,11 @@ def start(make_proxy, redis_server, pg, routes, **overrides):
     return p
 
 
-def metric(p, name: str, route: str = "user:{id:int}") -> float:
-    import urllib.request
-    body = urllib.request.urlopen(f"http://127.0.0.1:{p.admin_port}/metrics", timeout=5).read().decode()
-    for line in body.splitlines():
-        if line.startswith(f'{name}{{route="{route}"}}'):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} for {route} not in /metrics")
-
-
 pytestmark = pytest.mark.proxy_only
 
 
-def test_miss_loads_then_hits_from_cache(make_proxy, redis_server, pg):
-    p = start(make_proxy, redis_server, pg, [routes_config(pg, ttl={"seconds": 120, "jitter": 0})])
+def test_miss_loads_then_hits_from_cache(make_inproc_proxy, redis_server, pg):
+    p = start(make_inproc_proxy, redis_server, pg, [routes_config(pg, ttl={"seconds": 120, "jitter": 0})])
     c = p.client(protocol=2)
     first = json.loads(c.get("user:7"))
     assert first == {"id": 7, "name": "user 7", "email": "u7@example.com", "score": 10.5, "nick": None}
@@ -120,29 +42,29 @@ def test_miss_loads_then_hits_from_cache(make_proxy, redis_server, pg):
     direct = redis_server.client()
     assert json.loads(direct.get("user:7")) == first
     assert 115_000 < direct.pttl("user:7") <= 120_000
-    assert metric(p, "cacheproxy_route_hits_total") == 1
-    assert metric(p, "cacheproxy_route_misses_total") == 1
+    assert route_metric(p, "cacheproxy_route_hits_total") == 1
+    assert route_metric(p, "cacheproxy_route_misses_total") == 1
 
 
-def test_unrouted_and_mistyped_keys_pass_through(make_proxy, redis_server, pg):
-    p = start(make_proxy, redis_server, pg, [routes_config(pg)])
+def test_unrouted_and_mistyped_keys_pass_through(make_inproc_proxy, redis_server, pg):
+    p = start(make_inproc_proxy, redis_server, pg, [routes_config(pg)])
     c = p.client(protocol=3)
     assert c.get("user:abc") is None        # prefix matches, type does not: not routed
     assert c.get("other:1") is None
     assert pg.calls() == 0
 
 
-def test_types_are_faithful(make_proxy, redis_server, pg):
-    p = start(make_proxy, redis_server, pg, [routes_config(pg)])
+def test_types_are_faithful(make_inproc_proxy, redis_server, pg):
+    p = start(make_inproc_proxy, redis_server, pg, [routes_config(pg)])
     raw = p.client(protocol=2).get("user:1000")
     assert b"123456789012345678901234567890.123456789" in raw   # numeric keeps every digit
     row = json.loads(raw)
     assert row["name"] == "Zoë ☃ 日本" and row["nick"] is None
 
 
-def test_hash_encoding_and_wrongtype(make_proxy, redis_server, pg):
+def test_hash_encoding_and_wrongtype(make_inproc_proxy, redis_server, pg):
     route = routes_config(pg, **{"as": "hash"})
-    p = start(make_proxy, redis_server, pg, [route])
+    p = start(make_inproc_proxy, redis_server, pg, [route])
     c = p.client(protocol=3)
     assert c.hget("user:3", "name") == b"user 3"
     assert pg.calls() == 1
@@ -157,14 +79,14 @@ def test_hash_encoding_and_wrongtype(make_proxy, redis_server, pg):
     assert c.hget("user:999", "name") is None
 
 
-def test_string_encoding(make_proxy, redis_server, pg):
+def test_string_encoding(make_inproc_proxy, redis_server, pg):
     route = routes_config(pg, **{"as": "string", "column": "email"})
-    p = start(make_proxy, redis_server, pg, [route])
+    p = start(make_inproc_proxy, redis_server, pg, [route])
     assert p.client().get("user:9") == b"u9@example.com"
 
 
-def test_mget_mixes_hits_misses_routed_and_unrouted(make_proxy, redis_server, pg):
-    p = start(make_proxy, redis_server, pg, [routes_config(pg)])
+def test_mget_mixes_hits_misses_routed_and_unrouted(make_inproc_proxy, redis_server, pg):
+    p = start(make_inproc_proxy, redis_server, pg, [routes_config(pg)])
     c = p.client(protocol=2)
     c.set("plain:1", "p1")
     c.get("user:1")                                        # already cached
@@ -189,19 +111,19 @@ def test_mget_mixes_hits_misses_routed_and_unrouted(make_proxy, redis_server, pg
     assert pg.calls() == 1 + 25 + 25 - 1                   # user:1 was a hit
 
 
-def test_negative_caching_one_query_for_many_gets(make_proxy, redis_server, pg):
-    p = start(make_proxy, redis_server, pg, [routes_config(pg, ttl={"negative_seconds": 30})])
+def test_negative_caching_one_query_for_many_gets(make_inproc_proxy, redis_server, pg):
+    p = start(make_inproc_proxy, redis_server, pg, [routes_config(pg, ttl={"negative_seconds": 30})])
     c = p.client()
     for _ in range(50):
         assert c.get("user:424242") is None
     assert pg.calls() == 1
-    assert metric(p, "cacheproxy_route_negative_hits_total") == 49
+    assert route_metric(p, "cacheproxy_route_negative_hits_total") == 49
     assert c.exists("user:424242") == 0
 
 
 @pytest.mark.timeout(60)
-def test_single_flight_200_concurrent_gets_one_query(make_proxy, redis_server, pg):
-    p = start(make_proxy, redis_server, pg, [routes_config(pg, slow=True)])
+def test_single_flight_200_concurrent_gets_one_query(make_inproc_proxy, redis_server, pg):
+    p = start(make_inproc_proxy, redis_server, pg, [routes_config(pg, slow=True)])
 
     async def burst():
         clients = [redis.asyncio.Redis(host="127.0.0.1", port=p.port, protocol=2) for _ in range(200)]
@@ -213,11 +135,11 @@ def test_single_flight_200_concurrent_gets_one_query(make_proxy, redis_server, p
     values = asyncio.run(burst())
     assert all(json.loads(v)["id"] == 11 for v in values)
     assert pg.calls() == 1
-    assert metric(p, "cacheproxy_route_singleflight_joins_total") >= 150
+    assert route_metric(p, "cacheproxy_route_singleflight_joins_total") >= 150
 
 
-def test_jitter_spreads_expiries(make_proxy, redis_server, pg):
-    p = start(make_proxy, redis_server, pg, [routes_config(pg, ttl={"seconds": 100, "jitter": 0.5})])
+def test_jitter_spreads_expiries(make_inproc_proxy, redis_server, pg):
+    p = start(make_inproc_proxy, redis_server, pg, [routes_config(pg, ttl={"seconds": 100, "jitter": 0.5})])
     c = p.client()
     for i in range(1, 41):
         c.get(f"user:{i}")
@@ -227,22 +149,22 @@ def test_jitter_spreads_expiries(make_proxy, redis_server, pg):
 
 
 @pytest.mark.timeout(60)
-def test_refresh_ahead_keeps_a_hot_key_from_missing(make_proxy, redis_server, pg):
-    p = start(make_proxy, redis_server, pg,
+def test_refresh_ahead_keeps_a_hot_key_from_missing(make_inproc_proxy, redis_server, pg):
+    p = start(make_inproc_proxy, redis_server, pg,
               [routes_config(pg, ttl={"seconds": 2, "jitter": 0, "refresh_ahead": 0.6})])
     c = p.client()
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:                    # 5 s of a key whose TTL is 2 s
         assert json.loads(c.get("user:12"))["id"] == 12
         time.sleep(0.02)
-    assert metric(p, "cacheproxy_route_misses_total") == 1, "the hot key expired and missed"
-    assert metric(p, "cacheproxy_route_refresh_ahead_total") >= 2
+    assert route_metric(p, "cacheproxy_route_misses_total") == 1, "the hot key expired and missed"
+    assert route_metric(p, "cacheproxy_route_refresh_ahead_total") >= 2
     assert pg.calls() >= 3
 
 
 @pytest.mark.timeout(30)
-def test_write_during_slow_load_wins(make_proxy, redis_server, pg):
-    p = start(make_proxy, redis_server, pg, [routes_config(pg, slow=True)])
+def test_write_during_slow_load_wins(make_inproc_proxy, redis_server, pg):
+    p = start(make_inproc_proxy, redis_server, pg, [routes_config(pg, slow=True)])
     results = {}
 
     def reader():
@@ -250,7 +172,7 @@ def test_write_during_slow_load_wins(make_proxy, redis_server, pg):
 
     thread = threading.Thread(target=reader)
     thread.start()
-    time.sleep(0.3)                                       # the load is now waiting on Postgres
+    wait_for_lease(redis_server.client(), "user:13")       # the load is now waiting on Postgres
     p.client().set("user:13", "written-by-app")
     thread.join(10)
     assert results["get"] == b"written-by-app"
@@ -259,24 +181,24 @@ def test_write_during_slow_load_wins(make_proxy, redis_server, pg):
 
 
 @pytest.mark.timeout(30)
-def test_delete_during_slow_load_is_not_resurrected(make_proxy, redis_server, pg):
-    p = start(make_proxy, redis_server, pg, [routes_config(pg, slow=True)])
+def test_delete_during_slow_load_is_not_resurrected(make_inproc_proxy, redis_server, pg):
+    p = start(make_inproc_proxy, redis_server, pg, [routes_config(pg, slow=True)])
     thread = threading.Thread(target=lambda: p.client().get("user:14"))
     thread.start()
-    time.sleep(0.3)
+    wait_for_lease(redis_server.client(), "user:14")       # the load is now waiting on Postgres
     assert p.client().delete("user:14") == 0
     thread.join(10)
     time.sleep(0.2)
     assert redis_server.client().exists("user:14") == 0, "a fill resurrected a deleted key"
 
 
-def test_several_rows_without_many_is_a_clear_error(make_proxy, redis_server, pg):
+def test_several_rows_without_many_is_a_clear_error(make_inproc_proxy, redis_server, pg):
     route = {"key": "all:{id:int}", "backend": "main",
              "read": {"query": f"SELECT id FROM {pg.schema}.users WHERE id <= $1", "as": "json"}}
     many = {"key": "upto:{id:int}", "backend": "main",
             "read": {"query": f"SELECT id FROM {pg.schema}.users WHERE id <= $1 ORDER BY id", "as": "json",
                      "many": True}}
-    p = start(make_proxy, redis_server, pg, [route, many])
+    p = start(make_inproc_proxy, redis_server, pg, [route, many])
     c = p.client()
     with pytest.raises(redis.ResponseError, match="many: true"):
         c.get("all:3")
@@ -284,8 +206,8 @@ def test_several_rows_without_many_is_a_clear_error(make_proxy, redis_server, pg
 
 
 @pytest.mark.timeout(60)
-def test_upstream_down_serves_routed_reads_from_the_backend(make_proxy, redis_server, pg):
-    p = start(make_proxy, redis_server, pg, [routes_config(pg)])
+def test_upstream_down_serves_routed_reads_from_the_backend(make_inproc_proxy, redis_server, pg):
+    p = start(make_inproc_proxy, redis_server, pg, [routes_config(pg)])
     c = p.client(protocol=2)
     assert json.loads(c.get("user:15"))["id"] == 15
     redis_server.kill()
@@ -323,8 +245,8 @@ def test_wrong_parameter_count_stops_startup(redis_server, tmp_path, pg):
     assert "routes[0]" in p.stderr_text() and "parameter" in p.stderr_text()
 
 
-def test_ttl_getex_and_exists_load_a_missing_key(make_proxy, redis_server, pg):
-    p = start(make_proxy, redis_server, pg, [routes_config(pg, ttl={"seconds": 100, "jitter": 0})])
+def test_ttl_getex_and_exists_load_a_missing_key(make_inproc_proxy, redis_server, pg):
+    p = start(make_inproc_proxy, redis_server, pg, [routes_config(pg, ttl={"seconds": 100, "jitter": 0})])
     c = p.client(protocol=2)
     assert 95 <= c.ttl("user:21") <= 100                     # TTL of a missing routed key loads it first
     assert 95_000 <= c.pttl("user:22") <= 100_000
@@ -335,7 +257,7 @@ def test_ttl_getex_and_exists_load_a_missing_key(make_proxy, redis_server, pg):
     assert pg.calls() == 6
 
 
-def test_ttl_none_keeps_loaded_keys(make_proxy, redis_server, pg):
-    p = start(make_proxy, redis_server, pg, [routes_config(pg, ttl="none")])
+def test_ttl_none_keeps_loaded_keys(make_inproc_proxy, redis_server, pg):
+    p = start(make_inproc_proxy, redis_server, pg, [routes_config(pg, ttl="none")])
     p.client().get("user:25")
     assert redis_server.client().ttl("user:25") == -1

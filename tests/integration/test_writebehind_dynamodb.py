@@ -8,12 +8,11 @@ import threading
 import pytest
 import redis
 
-from tests.integration.test_readthrough_dynamodb import ddb, tables
-from tests.integration.test_writebehind_postgres import queued, wait_for
+from tests.fixtures.helpers import wait_for
+from tests.fixtures.moto import ddb, ddb_calls
+from tests.fixtures.writebehind import queued
 
-__all__ = ["tables"]   # the fixture, shared with the read-through tests
-
-pytestmark = [pytest.mark.proxy_only, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.proxy_only, pytest.mark.timeout(120), pytest.mark.xdist_group("moto")]
 
 
 def start(make_proxy, redis_server, moto_endpoint, table, mode="write-behind", as_="json", **write):
@@ -25,12 +24,19 @@ def start(make_proxy, redis_server, moto_endpoint, table, mode="write-behind", a
 
 
 def item(endpoint: str, table: str, user: str) -> dict | None:
-    return ddb(endpoint, "get_item", TableName=table, Key={"UserId": {"S": user}}, ConsistentRead=True).get("Item")
+    return items(endpoint, table, [user])[0]
 
 
-def test_json_set_puts_a_typed_item_and_del_deletes_it(make_proxy, redis_server, moto_endpoint, tables):
+def items(endpoint: str, table: str, users: list[str]) -> list[dict | None]:
+    """Consistent reads of several items on one client."""
+    answers = ddb_calls(endpoint, [("get_item", {"TableName": table, "Key": {"UserId": {"S": user}},
+                                                 "ConsistentRead": True}) for user in users])
+    return [answer.get("Item") for answer in answers]
+
+
+def test_json_set_puts_a_typed_item_and_del_deletes_it(make_inproc_proxy, redis_server, moto_endpoint, tables):
     table = tables["profiles"]
-    p = start(make_proxy, redis_server, moto_endpoint, table)
+    p = start(make_inproc_proxy, redis_server, moto_endpoint, table)
     c = p.client(protocol=2)
     doc = {"Plan": "pro", "Logins": 42, "Ratio": 0.25, "Active": True, "Tags": ["a", "b"], "Meta": {"x": None}}
     assert c.set("profile:u1", json.dumps(doc)) is True
@@ -44,20 +50,20 @@ def test_json_set_puts_a_typed_item_and_del_deletes_it(make_proxy, redis_server,
     assert c.get("profile:u1") is None
 
 
-def test_hash_route_writes_the_whole_item(make_proxy, redis_server, moto_endpoint, tables):
+def test_hash_route_writes_the_whole_item(make_inproc_proxy, redis_server, moto_endpoint, tables):
     table = tables["profiles"]
     ddb(moto_endpoint, "put_item", TableName=table, Item={"UserId": {"S": "u2"}, "Plan": {"S": "free"},
                                                           "Theme": {"S": "dark"}})
-    p = start(make_proxy, redis_server, moto_endpoint, table, as_="hash")
+    p = start(make_inproc_proxy, redis_server, moto_endpoint, table, as_="hash")
     c = p.client(protocol=3)
     assert c.hset("profile:u2", "Plan", "pro") == 0
     wait_for(lambda: item(moto_endpoint, table, "u2")["Plan"] == {"S": "pro"}, what="the update")
     assert item(moto_endpoint, table, "u2")["Theme"] == {"S": "dark"}, "the rest of the item is kept"
 
 
-def test_many_keys_go_through_batch_write(make_proxy, redis_server, moto_endpoint, tables):
+def test_many_keys_go_through_batch_write(make_inproc_proxy, redis_server, moto_endpoint, tables):
     table = tables["profiles"]
-    p = start(make_proxy, redis_server, moto_endpoint, table)
+    p = start(make_inproc_proxy, redis_server, moto_endpoint, table)
 
     def writer(n: int):
         c = p.client(protocol=2)
@@ -70,15 +76,15 @@ def test_many_keys_go_through_batch_write(make_proxy, redis_server, moto_endpoin
         t.join(60)
     direct = redis_server.client()
     wait_for(lambda: queued(direct) == 0, timeout=60, what="the queue to drain")
-    for k in range(300):
+    stored_items = items(moto_endpoint, table, [f"k{k}" for k in range(300)])
+    for k, stored in enumerate(stored_items):
         cached = json.loads(direct.get(f"profile:k{k}"))
-        stored = item(moto_endpoint, table, f"k{k}")
         assert {"By": int(stored["By"]["N"]), "Seq": int(stored["Seq"]["N"])} == cached
 
 
-def test_version_attribute_makes_puts_conditional(make_proxy, redis_server, moto_endpoint, tables):
+def test_version_attribute_makes_puts_conditional(make_inproc_proxy, redis_server, moto_endpoint, tables):
     table = tables["profiles"]
-    p = start(make_proxy, redis_server, moto_endpoint, table, version_attribute="Version")
+    p = start(make_inproc_proxy, redis_server, moto_endpoint, table, version_attribute="Version")
     c = p.client(protocol=2)
     c.set("profile:u3", json.dumps({"Plan": "a"}))
     wait_for(lambda: item(moto_endpoint, table, "u3"), what="the item")
@@ -96,9 +102,9 @@ def test_version_attribute_makes_puts_conditional(make_proxy, redis_server, moto
     assert json.loads(c.get("profile:u3"))["Plan"] == "newest"
 
 
-def test_write_through_puts_before_the_reply(make_proxy, redis_server, moto_endpoint, tables):
+def test_write_through_puts_before_the_reply(make_inproc_proxy, redis_server, moto_endpoint, tables):
     table = tables["profiles"]
-    p = start(make_proxy, redis_server, moto_endpoint, table, mode="write-through")
+    p = start(make_inproc_proxy, redis_server, moto_endpoint, table, mode="write-through")
     c = p.client(protocol=2)
     c.set("profile:u4", json.dumps({"Plan": "through"}))
     assert item(moto_endpoint, table, "u4")["Plan"] == {"S": "through"}

@@ -12,9 +12,9 @@ import pytest
 import redis
 import yaml
 
-from tests.integration.test_writebehind_postgres import DSN, REPO, pg, queued, start, wait_for
-
-__all__ = ["pg"]
+from tests.fixtures.helpers import REPO, wait_for
+from tests.fixtures.postgres import DSN
+from tests.fixtures.writebehind import queued, start
 
 pytestmark = [pytest.mark.proxy_only, pytest.mark.timeout(120)]
 

@@ -17,18 +17,10 @@ import time
 import asyncpg
 import pytest
 
+from tests.fixtures.helpers import metric_sum, wait_for
+from tests.fixtures.postgres import DSN, make_schema
 from tests.fixtures.redis_server import RedisServer
-from tests.integration.test_writebehind_postgres import (
-    DSN,
-    make_schema,
-    metric_sum,
-    pg,
-    queued,
-    start,
-    wait_for,
-)
-
-__all__ = ["pg"]   # the fixture, shared with the Postgres write tests
+from tests.fixtures.writebehind import queued, start
 
 pytestmark = [pytest.mark.proxy_only, pytest.mark.timeout(180)]
 
