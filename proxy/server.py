@@ -195,7 +195,11 @@ class ProxyServer:
         idle = self.cfg.listen.idle_timeout
         while True:
             await asyncio.sleep(0.25)
-            self.clock = loop.time()
+            before, self.clock = self.clock, loop.time()
+            if self.clock - before > 1.0:
+                # The loop itself was stalled: the clients' bytes may still wait to be read, so nobody
+                # is judged idle or slow on this tick.
+                continue
             deadline = self.cfg.limits.request_timeout
             if deadline:
                 for session in list(self.sessions):
