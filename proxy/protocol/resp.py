@@ -1,7 +1,7 @@
 """RESP framing, sans-IO: bytes in, frames out; frames in, bytes out. No sockets, no asyncio.
 
 Rules of this module:
-- Requests are parsed in request.py (RequestParser, exactly as strict as Redis; re-exported here):
+- Requests are parsed in request.py (RequestParser, exactly as strict as Redis):
   `feed` returns argument lists, and the client's raw bytes only when they are canonical multibulk.
   encode_command is the canonical encoding every other request is forwarded in.
 - Replies are only *framed*, never parsed: `scan_replies` finds where N complete replies end so their
@@ -12,8 +12,6 @@ Rules of this module:
 from __future__ import annotations
 
 import hiredis
-
-from .request import ProtocolError, RequestParser, split_inline  # noqa: F401  (re-exported)
 
 
 def encode_command(args) -> bytes:
@@ -80,6 +78,16 @@ def scan_replies(buf, pos: int, left: int) -> tuple[int, int]:
             pos = end + 2
             left -= 1
     return pos, left
+
+
+def split_replies(data, count: int) -> list[bytes]:
+    """The raw bytes of each of the first `count` replies in `data` (which holds at least that many)."""
+    out, pos = [], 0
+    for _ in range(count):
+        end, _ = scan_replies(data, pos, 1)
+        out.append(bytes(data[pos:end]))
+        pos = end
+    return out
 
 
 def parse_reply(raw: bytes):

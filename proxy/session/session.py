@@ -51,7 +51,8 @@ from ..protocol.commands import (
     is_blocking,
     kind_of,
 )
-from ..protocol.resp import OK, RequestParser, encode_command
+from ..protocol.request import RequestParser
+from ..protocol.resp import OK, encode_command
 from ..upstream.base import Connection, Node, Pool
 from ..upstream.single import UpstreamUnavailable
 from . import local, transaction

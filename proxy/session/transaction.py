@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from ..protocol import errors
 from ..protocol.commands import DENY, FLUSH, LOCAL, RELAY
-from ..protocol.resp import OK, encode_command, scan_replies
+from ..protocol.resp import OK, encode_command, scan_replies, split_replies
 from ..upstream.placement import CROSSSLOT
 from . import local
 
@@ -160,7 +160,7 @@ class _TxWaiter:
         self.count = len(tx.commands) + 2
 
     def on_reply(self, data) -> None:
-        replies = _split(data, self.count)
+        replies = split_replies(data, self.count)
         if any(r.startswith(_RETRY) for r in replies[1:-1]) or errors.is_upstream_lost(replies[-1]):
             self.retry(replies, False)
             return
@@ -179,12 +179,3 @@ class _TxWaiter:
     def answer(self, reply: bytes) -> None:
         # The slot expects MULTI's and every command's reply before EXEC's (_after_exec drops them).
         self.slot.on_reply(OK + QUEUED * len(self.tx.commands) + reply)
-
-
-def _split(data, count: int) -> list[bytes]:
-    out, pos = [], 0
-    for _ in range(count):
-        end, _ = scan_replies(data, pos, 1)
-        out.append(bytes(data[pos:end]))
-        pos = end
-    return out

@@ -32,7 +32,7 @@ from redis.crc import key_slot
 from ..ops.metrics import UpstreamEvents
 from ..protocol import errors
 from ..protocol.commands import keys_of
-from ..protocol.resp import encode_command, parse_reply, scan_replies
+from ..protocol.resp import encode_command, parse_reply, split_replies
 from ..tasks import Background
 from . import placement as cc
 from . import slotmap
@@ -51,15 +51,6 @@ SCAN_BITS = 10          # SCAN cursors carry the master's index in their low bit
 
 def needs_retry(reply: bytes) -> bool:
     return reply.startswith(_RETRY)
-
-
-def split_replies(data, count: int) -> list[bytes]:
-    out, pos = [], 0
-    for _ in range(count):
-        end, _ = scan_replies(data, pos, 1)
-        out.append(bytes(data[pos:end]))
-        pos = end
-    return out
 
 
 def parse_requests(data: bytes) -> list[list[bytes]]:

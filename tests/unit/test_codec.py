@@ -5,16 +5,15 @@ import random
 
 import pytest
 
-from proxy.protocol.request import ProtocolError, string2ll, unauthenticated_error
-from proxy.protocol.resp import Error as ErrorReply
-from proxy.protocol.resp import (
+from proxy.protocol.request import (
+    ProtocolError,
     RequestParser,
-    encode_command,
-    encode_reply,
-    parse_reply,
-    scan_replies,
     split_inline,
+    string2ll,
+    unauthenticated_error,
 )
+from proxy.protocol.resp import Error as ErrorReply
+from proxy.protocol.resp import encode_command, encode_reply, parse_reply, scan_replies
 
 
 def feed_all(parser, chunks):
