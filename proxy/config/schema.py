@@ -292,6 +292,20 @@ class Admin(_Model):
     readiness_cache_seconds: float = Field(
         1.0, ge=0, description="set seconds a /readyz result is reused (>= 0; 0 = check on every request; "
                                "checks never overlap)")
+    token: OptStr = Field(None, description="set a secret that /metrics and /readyz require as "
+                                            "`Authorization: Bearer <token>` (/healthz stays open)")
+    token_file: OptStr = Field(None, description="set the path of an existing file holding the admin token "
+                                                 "(instead of token; surrounding whitespace is ignored)")
+
+    _token_file_exists = field_validator("token_file")(_existing_file)
+
+    @property
+    def bearer(self) -> str | None:
+        """The admin token from `token` or `token_file`, if either is set."""
+        if self.token_file:
+            with open(self.token_file) as f:
+                return f.read().strip() or None
+        return self.token
 
 
 class Log(_Model):

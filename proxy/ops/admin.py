@@ -1,7 +1,11 @@
 """Admin HTTP endpoint: /metrics (Prometheus), /healthz (alive), /readyz (upstream and backends reachable).
 
 A deliberately tiny HTTP/1.0-style server on asyncio streams: three GET routes, one response per
-connection, so the proxy needs no web framework.
+connection, so the proxy needs no web framework. A request must arrive whole within 5 s and within
+8 KiB of headers; anything else is dropped.
+
+With admin.token (or token_file), /metrics and /readyz answer 401 unless the request carries
+`Authorization: Bearer <token>` (compared in constant time); /healthz stays open for liveness probes.
 
 /readyz: 200 or 503 with {"ready": bool, "problems": {component: reason}, "warnings": {component:
 reason}}. Problems make it 503; warnings (e.g. an upstream without persistence under
@@ -11,12 +15,15 @@ upstream.durability.persistence: warn) are reported and do not.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 log = logging.getLogger("cacheproxy.admin")
+
+MAX_REQUEST = 8192      # bytes of request line and headers
 
 
 class AdminServer:
@@ -27,11 +34,25 @@ class AdminServer:
         self.metrics = metrics
         self.readiness = readiness
         self.warnings = warnings
+        self.token = cfg.bearer
         self.server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
-        self.server = await asyncio.start_server(self._handle, self.cfg.host, self.cfg.port)
+        self.server = await asyncio.start_server(self._handle, self.cfg.host, self.cfg.port, limit=MAX_REQUEST)
         log.info("admin on http://%s:%d (/metrics /healthz /readyz)", self.cfg.host, self.port)
+        if self.token is None and self.cfg.host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning("admin endpoint on %s without admin.token: anyone who reaches port %d can read "
+                        "/metrics and /readyz; set admin.token (or admin.token_file)", self.cfg.host, self.port)
+
+    def _authorized(self, request: bytes) -> bool:
+        if self.token is None:
+            return True
+        for line in request.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"authorization":
+                scheme, _, given = value.strip().partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token.encode())
+        return False
 
     @property
     def port(self) -> int:
@@ -49,6 +70,8 @@ class AdminServer:
             path = path.split(b"?", 1)[0]
             if method != b"GET":
                 status, ctype, body = 405, "text/plain", b"method not allowed\n"
+            elif path in (b"/metrics", b"/readyz") and not self._authorized(request):
+                status, ctype, body = 401, "text/plain", b"unauthorized: send Authorization: Bearer <admin.token>\n"
             elif path == b"/metrics":
                 status, ctype, body = 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry)
             elif path == b"/healthz":
@@ -61,7 +84,8 @@ class AdminServer:
                 ctype = "application/json"
             else:
                 status, ctype, body = 404, "text/plain", b"not found\n"
-            reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}[status]
+            reason = {200: "OK", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
+                      503: "Service Unavailable"}[status]
             writer.write(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
                          % (status, reason.encode(), ctype.encode(), len(body)) + body)
             await writer.drain()

@@ -71,7 +71,7 @@ class _NoTraceback(logging.Filter):
 
 def secrets_of(cfg) -> frozenset[str]:
     """Every secret the config holds, in the forms a message may carry (raw and %-decoded)."""
-    found = {cfg.listen.password, *cfg.listen.users.values(), cfg.upstream.password}
+    found = {cfg.listen.password, *cfg.listen.users.values(), cfg.upstream.password, cfg.admin.token}
     for backend in cfg.backends.values():
         dsn = getattr(backend, "dsn", None)
         if dsn:
