@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import signal
 
@@ -72,10 +73,11 @@ class ProxyServer:
             user, given = "default", creds[0]
         else:
             user, given = creds[0].decode(errors="replace"), creds[1]
-        password = given.decode(errors="surrogateescape")
+        # Constant time: how much of a guess matched must not show in the answer's timing.
         if user == "default" and listen.password is not None:
-            return password == listen.password
-        return user in listen.users and listen.users[user] == password
+            return hmac.compare_digest(given, listen.password.encode(errors="surrogateescape"))
+        expected = listen.users.get(user)
+        return expected is not None and hmac.compare_digest(given, expected.encode(errors="surrogateescape"))
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
