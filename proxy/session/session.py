@@ -53,6 +53,7 @@ from ..protocol.commands import (
 )
 from ..protocol.resp import OK, RequestParser, encode_command
 from ..upstream.base import Connection, Node, Pool
+from ..upstream.resend import MAX_RESENDS, resendable
 from ..upstream.single import UpstreamUnavailable
 from . import local, transaction
 from .replies import ReplyOrder, Slot
@@ -102,6 +103,8 @@ class Session(asyncio.Protocol):
         self.buffered = 0         # bytes of an unfinished request the parser holds (host.query_buffered)
         self.partial_since: float | None = None   # when the unfinished request began (limits.request_timeout)
         self.suspicious = False   # the last request's bytes contain a reserved prefix (guard.py)
+        self.lost: list[tuple[Slot, Any, int]] = []   # (slot, node, proto) to send again (upstream_lost)
+        self.resending = False    # a task is sending `lost` again; reading waits for it
 
     # -- connection lifecycle --------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -368,6 +371,7 @@ class Session(asyncio.Protocol):
 
     def _send(self, conn, data: bytes, count: int, after=None) -> Slot:
         slot = self.order.add(self, count, after)
+        slot.request = data     # kept (a reference) in case the connection dies before answering
         conn.send(data, slot)
         if self.order.inflight > self.max_inflight:
             self.pause("inflight")
@@ -403,6 +407,51 @@ class Session(asyncio.Protocol):
             replies = [await self.pool.run(args, proto) for args in commands]
             self.fill(slot, b"".join(replies))
         self.step_inline(slow, slot)
+
+    # -- a shared connection died before answering ----------------------------------------------------
+    def upstream_lost(self, slot: Slot, conn, unsent: bool, message: str) -> None:
+        """`slot`'s connection died. What cannot run twice (upstream/resend.py) is sent again on a live
+        connection to the same node, waiting for the reconnect (upstream.connect_timeout); the client's
+        later commands wait for it, so none overtakes it. The rest gets the error, as before."""
+        if self.transport is not None and slot.resent < MAX_RESENDS:
+            request = resendable(self.pool.table, slot.request, slot.count, unsent)
+            if request is not None:
+                slot.request = request
+                slot.resent += 1
+                self.lost.append((slot, conn.pool, conn.proto))
+                conn.pool.events.retries += 1     # upstream events{event=retries}
+                if not self.resending:
+                    self.resending = True
+                    self.pause("resend")
+                    self.host.background.spawn(self._resend(), self._resend_failed, f"client {self.id}")
+                return
+        self.fill(slot, errors.line("ERR " + message) * slot.count)
+
+    async def _resend(self) -> None:
+        timeout = self.host.cfg.upstream.connect_timeout
+        try:
+            while self.lost:
+                slot, node, proto = self.lost.pop(0)
+                if self.transport is None or slot not in self.order.slots:
+                    continue        # the client left
+                conn = await node.wait_conn(proto, timeout)
+                if conn is None:
+                    self.fill(slot, errors.upstream_unavailable(node.reason) * slot.count)
+                    continue
+                if proto == self.proto:
+                    self.conns[node] = conn     # the client's later commands follow on this connection
+                conn.send(slot.request, slot)
+        finally:
+            self.resending = False
+        self.resume("resend")
+
+    def _resend_failed(self) -> None:
+        self.resending = False
+        lost, self.lost = self.lost, []
+        for slot, _, _ in lost:
+            if slot in self.order.slots and slot.data is None:
+                self.fill(slot, errors.INTERNAL * slot.count)
+        self.resume("resend")
 
     def new_slot(self, count: int) -> Slot:
         """A place in the reply order for a reply someone else will deliver through fill()."""

@@ -136,13 +136,13 @@ class NodeConnection(UpstreamConnection):
         self.send_direct(encode_command(args), FutureWaiter(future))
         return await future
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, resend: bool = True) -> None:
         # Requests still queued in `out` never reached the node: they may be retried, even writes.
         if self.out:
             for waiter in islice(reversed(self.waiters), len(self.out)):
                 if hasattr(waiter, "unsent"):
                     waiter.unsent = True
-        super()._fail_all(message)
+        super()._fail_all(message, resend)
 
 
 class NodePool(UpstreamPool):

@@ -164,13 +164,19 @@ class UpstreamConnection(asyncio.Protocol):
         """call() on this very connection: the same here (a cluster node's call() routes by key)."""
         return await UpstreamConnection.call(self, *args)
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, resend: bool = True) -> None:
+        """Answer every waiter: the connection is gone. A waiter that can be sent again elsewhere
+        (`on_lost`, a session's slot) is told whether its request had left (`resend`: False after a
+        command timeout, when the client has waited long enough)."""
         reply = errors.line("ERR " + message)
         waiters = self.demux.reset()
+        unsent_from = len(waiters) - len(self.out)     # requests still in `out` never left the proxy
         self.out = []
-        for waiter in waiters:
+        for index, waiter in enumerate(waiters):
             if isinstance(waiter, FutureWaiter):
                 waiter.on_error(message)
+            elif resend and hasattr(waiter, "on_lost"):
+                waiter.on_lost(self, index >= unsent_from, message)
             else:
                 waiter.on_reply(reply * waiter.count)
 
@@ -441,7 +447,7 @@ class UpstreamPool:
                         and now - conn.progress_at > timeout):
                     self.events.timeouts += 1
                     log.warning("upstream: no reply for %.1fs, closing the connection", timeout)
-                    conn._fail_all(f"upstream unavailable: no reply within {timeout:g}s")
+                    conn._fail_all(f"upstream unavailable: no reply within {timeout:g}s", resend=False)
                     conn.close()
 
 
