@@ -236,6 +236,10 @@ class Upstream(_Model):
                              description="list extra cluster seed nodes as \"host:port\" (cluster mode only)")
     pool_size: int = Field(2, ge=1, le=256,
                            description="set a pool size between 1 and 256 (shared connections per RESP version)")
+    spare_connections: int = Field(2, ge=0, le=64,
+                                   description="set how many dedicated connections per RESP version to keep "
+                                               "connected ahead of time for SUBSCRIBE, MONITOR, WATCH, blocking "
+                                               "commands and SELECT (0..64; 0 = open them when needed)")
     connect_timeout: float = Field(2.0, gt=0, description="set seconds to wait for an upstream connection (> 0)")
     command_timeout: float = Field(10.0, gt=0, description="set seconds to wait for an upstream reply (> 0)")
     read_from: Literal["primary", "replica", "prefer_replica"] = Field(

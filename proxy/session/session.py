@@ -667,8 +667,16 @@ class Session(asyncio.Protocol):
 
     # -- relaying -----------------------------------------------------------------------------------
     def _start_relay(self, frames: list, i: int) -> int:
-        """Turn this session into a byte relay on a dedicated connection, from frames[i] on."""
+        """Turn this session into a byte relay on a dedicated connection, from frames[i] on. With no
+        reply pending and a spare connection ready, at once: the command leaves in this loop turn."""
         first = frames[i]
+        key = self.pool.relay_key(first)
+        if not self.order:
+            conn = self.pin if self.pin is not None else self.pool.take_free(self.proto, key)
+            if conn is not None:
+                self.pin = None
+                self._enter_relay(conn, frames[i:])
+                return len(frames)
         self.backlog = frames[i:]
 
         async def enter():
@@ -676,21 +684,23 @@ class Session(asyncio.Protocol):
             conn = self.pin
             self.pin = None
             if conn is None:
-                key = self.pool.relay_key(first)
                 try:
                     conn = await self.pool.get_dedicated(self.proto, key)
                 except UpstreamUnavailable as exc:
                     self.reply(errors.upstream_unavailable(str(exc)))
                     del self.backlog[0]
                     return
-            conn.relay_to = self
-            conn.timeout_exempt += 1
-            self.relay = conn
-            self.host.stats.clients.relays += 1
             backlog, self.backlog = self.backlog, None
-            self._relay_frames(backlog)
+            self._enter_relay(conn, backlog)
         self._start_step(enter, None)
         return len(frames)
+
+    def _enter_relay(self, conn, frames: list) -> None:
+        conn.relay_to = self
+        conn.timeout_exempt += 1
+        self.relay = conn
+        self.host.stats.clients.relays += 1
+        self._relay_frames(frames)
 
     def _relay_in(self, data: bytes) -> None:
         """Client bytes in relay mode: still parsed and checked (denied commands, reserved keys,

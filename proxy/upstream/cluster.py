@@ -482,7 +482,7 @@ class ClusterPool:
         """What a cluster cannot do through one proxy connection (answered at once)."""
         if name == b"SELECT" and len(args) == 2 and args[1] != b"0":
             return errors.line("ERR SELECT is not allowed in cluster mode")
-        if name in (b"MONITOR", b"WAIT", b"WAITAOF"):
+        if name in (b"MONITOR", b"WAIT", b"WAITAOF", b"SYNC", b"PSYNC", b"REPLCONF"):
             return cc.node_local_error(name.lower())
         if name == b"SSUBSCRIBE" or (self.table is not None and self.table.lookup(args) is not None
                                      and self.table.lookup(args).blocking):

@@ -10,7 +10,11 @@ not Python code, are what a proxy pays for.
 
 The pool keeps `pool_size` shared connections per RESP version (a connection's protocol decides the
 shape of its replies, so RESP2 and RESP3 clients never share one), reconnects them in the background
-with backoff, and hands out dedicated connections for clients that carry connection state.
+with backoff, and hands out dedicated connections for clients that carry connection state. It keeps
+`spare_connections` of those per RESP version connected and authenticated ahead of time (refilled in
+the background as they are taken or die), so a SUBSCRIBE, MONITOR, WATCH or blocking command leaves
+for Redis in the loop turn it arrived in: a PUBLISH another client sends right after it finds the
+subscriber already there, as with a direct connection.
 """
 
 from __future__ import annotations
@@ -133,7 +137,11 @@ class UpstreamConnection(asyncio.Protocol):
             self.loop.call_soon(self._flush)
 
     def send_raw(self, data: bytes) -> None:
-        """Relay mode: bytes with no waiter (replies go straight to the relayed session)."""
+        """Relay mode: bytes with no waiter (replies go straight to the relayed session), written at once
+        when nothing is queued (a SUBSCRIBE must not wait a loop turn behind a PUBLISH sent after it)."""
+        if not self.out and self.transport is not None:
+            self.transport.write(data)
+            return
         self.out.append(data)
         if not self.flush_scheduled:
             self.flush_scheduled = True
@@ -200,7 +208,9 @@ class UpstreamPool:
         self.shared: dict[int, list[UpstreamConnection | None]] = {2: [], 3: []}
         self.free: dict[int, list[UpstreamConnection]] = {2: [], 3: []}
         self.dedicated: set[UpstreamConnection] = set()
-        self.free_cap = max(4, cfg.pool_size)
+        self.free_cap = max(4, cfg.pool_size, cfg.spare_connections)
+        self.spares = cfg.spare_connections     # dedicated connections to keep ready, per RESP version
+        self.warming: dict[int, int] = {2: 0, 3: 0}     # spare connections being opened
         self.last_error = "not connected yet"     # for logs: names the address
         self.reason = "not connected yet"         # for clients: never an address or a secret
         self.table: CommandTable | None = None    # the upstream's COMMAND reply, read on first connect
@@ -269,6 +279,7 @@ class UpstreamPool:
             delay = 0.05
             self.shared[proto][index] = conn
             self.down_since = None
+            self._replenish(proto)
             await conn.closed
             self.shared[proto][index] = None
             if self.down_since is None and self.pick(proto) is None:
@@ -399,12 +410,38 @@ class UpstreamPool:
 
     # -- dedicated connections -----------------------------------------------------------------
     def take_free(self, proto: int, key: bytes | None = None) -> UpstreamConnection | None:
+        """A connected, authenticated dedicated connection at once (a spare), or None."""
         free = self.free[proto]
+        conn = None
         while free:
-            conn = free.pop()
-            if conn.up:
-                return conn
-        return None
+            candidate = free.pop()
+            if candidate.up:
+                conn = candidate
+                break
+        self._replenish(proto)
+        return conn
+
+    def _replenish(self, proto: int) -> None:
+        """Open spare dedicated connections in the background until `spares` are ready. Only while the
+        upstream is up: a failure stops it until the next take or reconnect (no retry loop here)."""
+        missing = self.spares - len(self.free[proto]) - self.warming[proto]
+        if missing <= 0 or self._closing or self.down_since is not None:
+            return
+        self.warming[proto] += missing
+        for _ in range(missing):
+            self.background.spawn(self._warm(proto), None, "upstream: a spare connection")
+
+    async def _warm(self, proto: int) -> None:
+        try:
+            conn = await self.connect(proto, dedicated=True)
+        except UpstreamUnavailable:
+            return
+        finally:
+            self.warming[proto] -= 1
+        if self._closing or len(self.free[proto]) >= self.free_cap:
+            conn.close()
+        else:
+            self.free[proto].append(conn)
 
     async def get_dedicated(self, proto: int, key: bytes | None = None) -> UpstreamConnection:
         return self.take_free(proto) or await self.connect(proto, dedicated=True)
@@ -420,6 +457,10 @@ class UpstreamPool:
 
     def connection_closed(self, conn: UpstreamConnection) -> None:
         self.dedicated.discard(conn)
+        free = self.free[conn.proto]
+        if conn in free:        # a spare died (Redis restarted, idle timeout, CLIENT KILL): open another
+            free.remove(conn)
+            self._replenish(conn.proto)
 
     # -- the proxy's own commands --------------------------------------------------------------
     async def execute(self, *args, proto: int = 2, key: bytes | None = None):
