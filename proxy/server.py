@@ -28,6 +28,7 @@ from .protocol.commands import ROUTED_COMMANDS, TABLE, with_routed
 from .session.guard import Guard
 from .session.session import Session
 from .tasks import Background
+from .upstream.auth import UpstreamAuth
 from .upstream.cluster import ClusterPool
 from .upstream.single import UpstreamPool
 from .writebehind.flusher import Writer, consumer_name
@@ -61,10 +62,20 @@ class ProxyServer:
         self.clock = 0.0
         self.query_buffered = 0     # bytes of unfinished requests held for all clients (limits.max_query_buffer_total)
         listen = cfg.listen
-        self.auth_required = bool(listen.password or listen.users)
+        self.local_auth_required = bool(listen.password or listen.users)
+        self.upstream_auth: UpstreamAuth | None = None     # listen.auth: upstream (created in start())
         self._stopping: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
         self.background = Background()     # sessions' steps, loads, retries: cancelled at shutdown
+
+    @property
+    def auth_required(self) -> bool:
+        """Must a new client authenticate? With listen.auth: upstream, as the upstream's default user
+        says (probed, cached briefly: upstream/auth.py)."""
+        if self.upstream_auth is None:
+            return self.local_auth_required
+        self.upstream_auth.refresh_open()
+        return not self.upstream_auth.open
 
     def check_password(self, creds: list[bytes]) -> bool:
         listen = self.cfg.listen
@@ -85,6 +96,8 @@ class ProxyServer:
         pool_class = ClusterPool if self.cfg.upstream.cluster else UpstreamPool
         self.pool = pool_class(self.cfg.upstream, loop, self.background)
         self.guard = Guard(self.pool, self.cfg.write_behind.stream_prefix, self.cfg.upstream.db)
+        if self.cfg.listen.auth == "upstream":
+            self.upstream_auth = UpstreamAuth(self.cfg.upstream, loop, self.pool.ssl_context)
         self._register_gauges()
         self.pool.start()
         # Listen only once the upstream had its chance: a sidecar may start before Redis, so an
@@ -92,6 +105,8 @@ class ProxyServer:
         if not await self.pool.wait_ready(self.cfg.upstream.connect_timeout):
             log.warning("upstream not reachable yet (%s); serving anyway, reconnecting in the background",
                         self.pool.last_error)
+        if self.upstream_auth is not None:
+            await self.upstream_auth.probe()
         await self._check_durability()
         if self.cfg.routes:
             await self._start_routes()
@@ -153,6 +168,8 @@ class ProxyServer:
         problems: dict[str, str | None] = {
             "upstream": None if self.pool is not None and self.pool.healthy else
             f"upstream unavailable: {self.pool.last_error if self.pool else 'not started'}",
+            # Open connections may still work while new ones are refused: say so before they all close.
+            "upstream_credentials": self.pool.credentials_error if self.pool is not None else None,
             "durability": self.durability.refusal if self.durability is not None else None}
 
         async def check(name, backend) -> None:

@@ -42,8 +42,12 @@ def _quit(session, frames, i) -> int:
 
 
 def _ok(session, frames, i) -> int:
-    """ASKING, READONLY, READWRITE: the proxy follows redirects and chooses replicas itself."""
-    session.reply(OK)
+    """ASKING, READONLY, READWRITE: the proxy follows redirects and chooses replicas itself. A single
+    node answers them (an error: cluster support is disabled) without changing the connection."""
+    if session.pool.cluster:
+        session.reply(OK)
+    else:
+        session.send_commands([frames[i]])
     return i + 1
 
 
@@ -56,8 +60,28 @@ def _reset(session, frames, i) -> int:
 # -- authentication --------------------------------------------------------------------------------
 
 def _auth(session, frames, i) -> int:
-    session.reply(auth(session, frames[i][1:]))
-    return i + 1
+    creds = frames[i][1:]
+    checker = session.host.upstream_auth
+    if checker is None:
+        session.reply(auth(session, creds))
+        return i + 1
+    slot = session.new_slot(1)
+
+    async def check_upstream():
+        reply = await checker.check(creds)
+        upstream_auth_result(session, creds, reply)
+        session.fill(slot, reply)
+    return session.step(frames, i, check_upstream, slot)
+
+
+def upstream_auth_result(session, creds: list[bytes], reply: bytes) -> bool:
+    """listen.auth: upstream: the upstream's answer to the client's credentials, applied to the session."""
+    if reply == OK:
+        session.authed = True
+        session.user = creds[0] if len(creds) == 2 else b"default"
+        return True
+    session.host.stats.clients.auth_failures += 1
+    return False
 
 
 def auth(session, creds: list[bytes]) -> bytes:
@@ -106,23 +130,40 @@ def _hello(session, frames, i) -> int:
         else:
             session.reply(errors.line(f"ERR Syntax error in HELLO option '{rest[0].decode(errors='replace')}'"))
             return i + 1
+    checker = session.host.upstream_auth
+    if creds is not None and checker is not None:
+        slot = session.new_slot(1)
+
+        async def check_upstream():
+            reply = await checker.check(creds)
+            if upstream_auth_result(session, creds, reply):
+                reply = _hello_reply(session, proto, name)
+            session.fill(slot, reply or b"")    # b"": the pinned connection answers in the next slot
+        return session.step(frames, i, check_upstream, slot)
     if creds is not None:
         result = auth(session, creds)
         if result != OK:
             session.reply(result)
             return i + 1
         session.authed = True
+    reply = _hello_reply(session, proto, name)
+    if reply is not None:
+        session.reply(reply)
+    return i + 1
+
+
+def _hello_reply(session, proto: int, name: bytes | None) -> bytes | None:
+    """HELLO once the credentials (if any) are accepted: the reply, or None when the client's dedicated
+    connection was sent a HELLO of its own and answers it."""
     if not session.authed:
-        session.reply(errors.line(
+        return errors.line(
             "NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> "
             "AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol "
-            "version at the same time"))
-        return i + 1
+            "version at the same time")
     if name is not None:
         problem = _bad_name(name)
         if problem:
-            session.reply(problem)
-            return i + 1
+            return problem
         session.name = name or None
     info = encode_reply({"server": "redis", "version": session.pool.server_version, "proto": proto,
                          "id": session.id, "mode": "cluster" if session.pool.cluster else "standalone",
@@ -131,10 +172,9 @@ def _hello(session, frames, i) -> int:
         # A dedicated connection follows the client's protocol; the client gets the proxy's answer.
         session.proto = proto
         session.send_pinned([b"HELLO", b"%d" % proto], lambda slot, data: info if data[:1] in b"%*" else data)
-        return i + 1
+        return None
     session.proto = proto
-    session.reply(info)
-    return i + 1
+    return info
 
 
 # -- SELECT ------------------------------------------------------------------------------------------

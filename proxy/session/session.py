@@ -737,6 +737,8 @@ class Session(asyncio.Protocol):
         if self.suspicious and self.host.guard.refuses(args):
             self.host.stats.clients.reserved_refusals += 1
             return _answer(self.host.guard.refusal)
+        if self.host.upstream_auth is not None and name in (b"AUTH", b"HELLO"):
+            return encode_command(args)     # the dedicated connection's Redis checks them itself
         if name == b"AUTH":
             return _answer(local.auth(self, args[1:]) if 2 <= len(args) <= 3 else errors.wrong_arity(name))
         if name == b"HELLO" and any(a.upper() == b"AUTH" for a in args[2:]):

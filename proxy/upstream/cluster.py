@@ -36,7 +36,15 @@ from ..protocol.resp import encode_command, parse_reply, scan_replies
 from ..tasks import Background
 from . import placement as cc
 from . import slotmap
-from .single import FutureWaiter, UpstreamConnection, UpstreamPool, UpstreamUnavailable, _ssl_context
+from .single import (
+    CredentialsRefused,
+    FutureWaiter,
+    UpstreamConnection,
+    UpstreamPool,
+    UpstreamUnavailable,
+    _ssl_context,
+    credentials_problem,
+)
 
 log = logging.getLogger("cacheproxy.cluster")
 
@@ -170,6 +178,9 @@ class NodePool(UpstreamPool):
             hello += ["AUTH", cfg.username or "default", cfg.password]
         reply = parse_reply(await conn.call_direct(*hello))
         if isinstance(reply, Exception):
+            problem = credentials_problem(reply)
+            if problem is not None:
+                raise CredentialsRefused(problem)
             raise UpstreamUnavailable(f"HELLO refused by {self.addr}: {str(reply).splitlines()[0]}")
         info = reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=False))
         if info.get(b"version"):
@@ -251,6 +262,11 @@ class ClusterPool:
     @property
     def healthy(self) -> bool:
         return bool(self.master_list) and all(node.pick(2) is not None for node in self.master_list)
+
+    @property
+    def credentials_error(self) -> str | None:
+        """A node that refuses the proxy's own credentials (logs, /readyz), if any."""
+        return next((n.credentials_error for n in self.nodes.values() if n.credentials_error), None)
 
     @property
     def events(self) -> UpstreamEvents:

@@ -39,6 +39,20 @@ class UpstreamUnavailable(Exception):
     """No usable connection to the upstream Redis; the text says why (never a secret)."""
 
 
+class CredentialsRefused(UpstreamUnavailable):
+    """The upstream refused the proxy's own credentials (upstream.url) on a new connection."""
+
+
+def credentials_problem(reply: Exception) -> str | None:
+    """Why a handshake reply means the proxy's own credentials no longer work, else None."""
+    text = str(reply).split("\n")[0]
+    if text.startswith(("NOAUTH", "WRONGPASS")):
+        return (f"the upstream refused the proxy's own credentials (upstream.url): {text}; connections "
+                "already open keep working, new ones fail: was requirepass or the ACL changed (CONFIG SET "
+                "requirepass, ACL SETUSER)? Give the proxy an ACL user of its own in upstream.url")
+    return None
+
+
 class FutureWaiter:
     """Waiter for the proxy's own requests: resolves a future with the raw reply bytes."""
 
@@ -212,6 +226,7 @@ class UpstreamPool:
         self.spares = cfg.spare_connections     # dedicated connections to keep ready, per RESP version
         self.warming: dict[int, int] = {2: 0, 3: 0}     # spare connections being opened
         self.last_error = "not connected yet"     # for logs: names the address
+        self.credentials_error: str | None = None   # the proxy's own credentials refused (logs, /readyz)
         self.reason = "not connected yet"         # for clients: never an address or a secret
         self.table: CommandTable | None = None    # the upstream's COMMAND reply, read on first connect
         self.down_since: float | None = self.loop.time()    # no shared connection up since then
@@ -305,6 +320,9 @@ class UpstreamPool:
             raise UpstreamUnavailable(self.last_error) from None
         conn.up = True
         self.events.connects += 1
+        if self.credentials_error is not None:
+            log.warning("upstream %s:%d accepts the proxy's credentials again", self.host, self.port)
+            self.credentials_error = None
         if dedicated:
             self.dedicated.add(conn)
         return conn
@@ -316,6 +334,9 @@ class UpstreamPool:
             reason = "timed out"
         self.reason = f"cannot connect: {reason}"
         message = f"cannot reach {self.host}:{self.port}: {reason}"
+        if isinstance(exc, CredentialsRefused):
+            self.reason = "the upstream refused the proxy's credentials"
+            self.credentials_error = message = f"{self.host}:{self.port}: {reason}"
         if message != self.last_error:
             log.warning("upstream: %s", message)
         self.last_error = message
@@ -327,6 +348,9 @@ class UpstreamPool:
             hello += ["AUTH", cfg.username or "default", cfg.password]
         reply = parse_reply(await conn.call(*hello))
         if isinstance(reply, Exception):
+            problem = credentials_problem(reply)
+            if problem is not None:
+                raise CredentialsRefused(problem)
             raise UpstreamUnavailable(f"HELLO refused: {str(reply).split(chr(10))[0]}")
         info = reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=False))
         version = info.get(b"version")
@@ -422,8 +446,9 @@ class UpstreamPool:
         return conn
 
     def _replenish(self, proto: int) -> None:
-        """Open spare dedicated connections in the background until `spares` are ready. Only while the
-        upstream is up: a failure stops it until the next take or reconnect (no retry loop here)."""
+        """Open spare dedicated connections in the background until `spares` are ready, while the
+        shared connections are up. A refused connection is tried again with backoff (that is also how
+        the pool notices that its credentials work again)."""
         missing = self.spares - len(self.free[proto]) - self.warming[proto]
         if missing <= 0 or self._closing or self.down_since is not None:
             return
@@ -432,10 +457,17 @@ class UpstreamPool:
             self.background.spawn(self._warm(proto), None, "upstream: a spare connection")
 
     async def _warm(self, proto: int) -> None:
+        delay = 0.5
         try:
-            conn = await self.connect(proto, dedicated=True)
-        except UpstreamUnavailable:
-            return
+            while True:
+                if self._closing or self.down_since is not None:
+                    return      # the shared connections' reconnect refills the spares
+                try:
+                    conn = await self.connect(proto, dedicated=True)
+                    break
+                except UpstreamUnavailable:
+                    await asyncio.sleep(delay * (0.5 + random.random()))
+                    delay = min(delay * 2, 5.0)
         finally:
             self.warming[proto] -= 1
         if self._closing or len(self.free[proto]) >= self.free_cap:

@@ -102,6 +102,7 @@ class Host:
         self.stats = ProxyStats()
         self.clock = 0.0
         self.auth_required = bool(self.cfg.listen.password)
+        self.upstream_auth = None      # listen.auth: local
         self.guard = Guard(pool, "cacheproxy:wb", 0)
         self.background = Background()
         self.query_buffered = 0
