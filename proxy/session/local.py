@@ -234,12 +234,42 @@ def _client_tracking(session, frames, i) -> int:
     args = frames[i]
     mode = args[2].upper() if len(args) >= 3 else b""
     if mode == b"ON":
-        return session._start_relay(frames, i)      # invalidations arrive as pushes on the connection
+        problem = tracking_redirect(session, args)[1]
+        if problem is not None:             # refused before the client becomes a relay
+            session.reply(problem)
+            return i + 1
+        # Invalidations arrive as pushes on the connection; the relay sends REDIRECT with Redis's id.
+        return session._start_relay(frames, i)
     if mode == b"OFF":
         session.reply(OK)
     else:
         session.reply(errors.SYNTAX)
     return i + 1
+
+
+def tracking_redirect(session, args: list[bytes]) -> tuple[list[bytes], bytes | None]:
+    """CLIENT TRACKING ON ... REDIRECT <id>: <id> is a client of the proxy (its CLIENT ID); Redis must
+    get the id of that client's own upstream connection, which exists only while it is a relay
+    (subscribed). Returns (the arguments to send, None) or (args, the error to answer)."""
+    upper = [a.upper() for a in args]
+    if b"REDIRECT" not in upper[3:]:
+        return args, None
+    at = upper.index(b"REDIRECT", 3) + 1
+    if at >= len(args):
+        return args, errors.SYNTAX
+    if session.pool.cluster:
+        return args, errors.TRACKING_REDIRECT_CLUSTER
+    try:
+        wanted = int(args[at])
+    except ValueError:
+        return args, errors.NOT_INTEGER
+    target = next((s for s in session.host.sessions if s.id == wanted), None)
+    if target is None:
+        return args, errors.TRACKING_REDIRECT_UNKNOWN
+    conn = target.relay
+    if conn is None or conn.redis_id is None:
+        return args, errors.TRACKING_REDIRECT_NOT_SUBSCRIBED
+    return [*args[:at], b"%d" % conn.redis_id, *args[at + 1:]], None
 
 
 def _client_setname(session, frames, i) -> int:

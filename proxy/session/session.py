@@ -737,6 +737,10 @@ class Session(asyncio.Protocol):
         if self.suspicious and self.host.guard.refuses(args):
             self.host.stats.clients.reserved_refusals += 1
             return _answer(self.host.guard.refusal)
+        if name == b"CLIENT" and len(args) >= 3 and args[1].upper() == b"TRACKING" and args[2].upper() == b"ON":
+            args, problem = local.tracking_redirect(self, args)
+            if problem is not None:
+                return _answer(problem)
         if self.host.upstream_auth is not None and name in (b"AUTH", b"HELLO"):
             return encode_command(args)     # the dedicated connection's Redis checks them itself
         if name == b"AUTH":

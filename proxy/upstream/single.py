@@ -92,6 +92,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.blocked_sessions: set = set()
         self.closed: asyncio.Future = self.loop.create_future()
         self.db = 0
+        self.redis_id: int | None = None    # Redis's CLIENT ID of this connection (from HELLO)
 
     # -- asyncio callbacks ---------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -353,6 +354,7 @@ class UpstreamPool:
                 raise CredentialsRefused(problem)
             raise UpstreamUnavailable(f"HELLO refused: {str(reply).split(chr(10))[0]}")
         info = reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=False))
+        conn.redis_id = info.get(b"id")
         version = info.get(b"version")
         if version:
             self.server_version = version.decode()

@@ -111,3 +111,27 @@ def test_auth_upstream_refuses_a_local_password_too(redis_server, tmp_path):
     p = ProxyProcess(redis_server, tmp_path, {"listen": {"auth": "upstream", "password": "x"}})
     with pytest.raises(RuntimeError, match="auth: upstream"):
         p.start()
+
+
+def test_tracking_redirect_between_two_clients(proxy, redis_server):
+    """CLIENT TRACKING ON REDIRECT <id of another client subscribed to __redis__:invalidate>: that client
+    receives the invalidations (on main the proxy's client id went to Redis as it was)."""
+    with proxy.raw() as target, proxy.raw() as tracker:
+        target_id = target.cmd("CLIENT", "ID").value
+        assert target.cmd("SUBSCRIBE", "__redis__:invalidate").py() == [b"subscribe", b"__redis__:invalidate", 1]
+        assert tracker.cmd("CLIENT", "TRACKING", "ON", "REDIRECT", target_id).value == "OK"
+        assert tracker.cmd("GET", "tr:k").value is None       # now tracked
+        redis_server.client().set("tr:k", "changed")
+        message = target.read_frame(timeout=5).py()
+        assert message[:2] == [b"message", b"__redis__:invalidate"] and message[2] == [b"tr:k"], message
+
+
+@proxy_only
+def test_tracking_redirect_refusals(proxy):
+    with proxy.raw() as idle, proxy.raw() as tracker:
+        idle_id = idle.cmd("CLIENT", "ID").value
+        reply = tracker.cmd("CLIENT", "TRACKING", "ON", "REDIRECT", idle_id)
+        assert reply.is_error and "needs a target client that is subscribed" in reply.value, reply
+        reply = tracker.cmd("CLIENT", "TRACKING", "ON", "REDIRECT", 987654)
+        assert reply.value == "ERR The client ID you want redirect to does not exist"
+        assert tracker.cmd("PING").value == "PONG"      # still an ordinary client
