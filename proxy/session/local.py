@@ -387,8 +387,24 @@ def client_line(s) -> str:
     return (f"id={s.id} addr={_address(s, 'peername')} laddr={_address(s, 'sockname')} fd=-1 name={name} "
             f"age={age} idle={idle} flags={flags} db={s.db} sub=0 psub=0 ssub=0 "
             f"multi={len(s.tx.commands) if s.tx is not None else -1} qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 "
-            f"rbs=0 rbp=0 obl=0 oll={len(s.order.slots)} omem=0 tot-mem=0 events=r cmd=NULL "
+            f"rbs=0 rbp=0 obl=0 oll={len(s.order.slots)} omem=0 tot-mem=0 events=r cmd={_command_name(s)} "
             f"user={s.user.decode(errors='replace')} redir=-1 resp={s.proto}")
+
+
+# Commands whose CLIENT LIST name includes the subcommand (Redis 7: "client|list", "config|get" ...).
+_CONTAINERS = frozenset((b"client", b"config", b"command", b"object", b"memory", b"script", b"function",
+                         b"acl", b"cluster", b"xinfo", b"xgroup", b"pubsub", b"latency", b"slowlog", b"module"))
+
+
+def _command_name(s) -> str:
+    """The last command the client sent, named as Redis's CLIENT LIST names it."""
+    args = s.last_command
+    if not args or not isinstance(args[0], bytes):
+        return "NULL"
+    name = args[0].lower()
+    if name in _CONTAINERS and len(args) > 1:
+        name += b"|" + args[1].lower()
+    return name.decode(errors="replace")
 
 
 def _client_kill(session, frames, i) -> int:

@@ -103,6 +103,7 @@ class Session(asyncio.Protocol):
         self.buffered = 0         # bytes of an unfinished request the parser holds (host.query_buffered)
         self.partial_since: float | None = None   # when the unfinished request began (limits.request_timeout)
         self.suspicious = False   # the last request's bytes contain a reserved prefix (guard.py)
+        self.last_command: list | None = None   # the last command read (CLIENT LIST shows its name)
         self.lost: list[tuple[Slot, Any, int]] = []   # (slot, node, proto) to send again (upstream_lost)
         self.resending = False    # a task is sending `lost` again; reading waits for it
 
@@ -189,6 +190,7 @@ class Session(asyncio.Protocol):
             raw = None
         if not frames:
             return
+        self.last_command = frames[-1]      # CLIENT LIST's cmd= (one store per read)
         # Deferred requests (data == b"") came in an earlier read: check them all.
         self.suspicious = reserved_in(data, host.guard.prefixes) if data else True
         if self.backlog is not None:            # earlier frames still wait: keep the order
@@ -711,6 +713,7 @@ class Session(asyncio.Protocol):
         if self.parser.error is not None:
             frames.append([PROTOCOL_ERROR, self.parser.error])
         if frames:
+            self.last_command = frames[-1]
             self.suspicious = reserved_in(data, self.host.guard.prefixes)
             self._relay_frames(frames)
 

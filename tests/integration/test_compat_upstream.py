@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from tests.fixtures.proxy import encode_command
+from tests.integration.test_cluster_basic import cluster_proxy
 
 proxy_only = pytest.mark.proxy_only
 
@@ -130,3 +131,26 @@ def test_unsent_commands_wait_for_the_reconnect(redis_server, make_proxy):
         assert time.monotonic() - t0 < 4.5
     finally:
         restart.join()
+
+
+@pytest.mark.timeout(120)
+def test_cluster_reads_survive_client_kill_of_the_proxys_connections(make_proxy, redis_cluster):
+    """The cluster path: CLIENT KILL of the proxy's connections on every master, 10 times, each followed
+    by GETs of keys on every master (RESP2 and RESP3): no error."""
+    p = cluster_proxy(make_proxy, redis_cluster)
+    direct = redis_cluster.direct()
+    keys = [f"{{t{n}}}:k" for n in range(12)]
+    for key in keys:
+        direct.set(key, "v")
+    clients = [p.client(protocol=2), p.client(protocol=3)]
+    problems = []
+    for _ in range(10):
+        for node in redis_cluster.master_nodes():
+            node.client().client_kill_filter(_type="normal", skipme=True)
+        for client in clients:
+            for key in keys:
+                try:
+                    assert client.get(key) == b"v"
+                except redis.RedisError as exc:
+                    problems.append(repr(exc))
+    assert problems == [], f"{len(problems)} errors, first: {problems[:3]}"
