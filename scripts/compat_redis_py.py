@@ -7,7 +7,8 @@
 `--redis-py` is a checkout of redis-py's repository (its tests/ folder is what runs; none of it is part
 of this project); `--python` is an interpreter with that redis-py version and its test dependencies
 installed (pytest, pytest-asyncio, pytest-timeout, packaging, numpy). The script starts its own
-redis-server for each side (same arguments, on free ports) and one proxy in front of the second, runs
+redis-server for each side (same arguments, on free ports) and one proxy in front of the second
+(`listen.auth: upstream` by default: the suite sets requirepass and authenticates), runs
 the same test files with `--redis-url` pointing at each, and prints, per protocol, the counts
 (passed/failed/skipped/error) of both sides and every test that passes direct but fails through the
 proxy, with the first line of its error. Module, cluster, TLS, sentinel and replica tests are
@@ -106,10 +107,10 @@ def start_redis(procs: Processes, workdir: Path) -> int:
     return port
 
 
-def start_proxy(procs: Processes, workdir: Path, redis_port: int) -> int:
+def start_proxy(procs: Processes, workdir: Path, redis_port: int, auth: str) -> int:
     port = free_port()
     config = {
-        "listen": {"host": "127.0.0.1", "port": port},
+        "listen": {"host": "127.0.0.1", "port": port, "auth": auth},
         "upstream": {"url": f"redis://127.0.0.1:{redis_port}/0", "pool_size": 2,
                      "durability": {"persistence": "ignore"}},
         "admin": {"enabled": False},
@@ -171,6 +172,8 @@ def main() -> int:
     ap.add_argument("--timeout", type=int, default=30, help="seconds per test")
     ap.add_argument("--budget", type=float, default=1500, help="seconds per pytest run")
     ap.add_argument("--keep", type=Path, help="keep the junit files and logs here")
+    ap.add_argument("--auth", default="upstream", choices=("upstream", "local"),
+                    help="the proxy's listen.auth (the suite sets requirepass and AUTHs: upstream is transparent)")
     args = ap.parse_args()
     files = [f for f in args.files if (args.redis_py / f).exists()]
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="compat-"))
@@ -182,7 +185,7 @@ def main() -> int:
             (workdir / side).mkdir(exist_ok=True)
         direct_port = start_redis(procs, workdir / "direct")
         upstream_port = start_redis(procs, workdir / "proxy")
-        proxy_port = start_proxy(procs, workdir / "proxy", upstream_port)
+        proxy_port = start_proxy(procs, workdir / "proxy", upstream_port, args.auth)
         for protocol in args.protocol or ["2", "3"]:
             res = {}
             for side, port in (("direct", direct_port), ("proxy", proxy_port)):

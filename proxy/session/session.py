@@ -53,7 +53,7 @@ from ..protocol.commands import (
 )
 from ..protocol.resp import OK, RequestParser, encode_command
 from ..upstream.base import Connection, Node, Pool
-from ..upstream.resend import MAX_RESENDS, resendable
+from ..upstream.resend import MAX_RESENDS, RESEND_MAX_BYTES, resendable
 from ..upstream.single import UpstreamUnavailable
 from . import local, transaction
 from .replies import ReplyOrder, Slot
@@ -373,7 +373,8 @@ class Session(asyncio.Protocol):
 
     def _send(self, conn, data: bytes, count: int, after=None) -> Slot:
         slot = self.order.add(self, count, after)
-        slot.request = data     # kept (a reference) in case the connection dies before answering
+        if len(data) <= RESEND_MAX_BYTES:
+            slot.request = data     # kept (a reference) in case the connection dies before answering
         conn.send(data, slot)
         if self.order.inflight > self.max_inflight:
             self.pause("inflight")

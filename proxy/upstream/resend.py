@@ -7,7 +7,8 @@ proxy client keeps its connection, so the proxy decides, and must never run anyt
 - requests that never left the proxy (still queued for the next write) are sent again, whatever they do;
 - requests that may have reached Redis are sent again only when every command in them is read-only
   by the upstream's COMMAND table (flag `readonly`): running one twice changes nothing;
-- anything else (a write that may have run, a command the table does not know) gets the error.
+- anything else (a write that may have run, a command the table does not know, a request over
+  RESEND_MAX_BYTES) gets the error.
 
 Sans-IO: this module only decides; the session sends (session.py, upstream_lost).
 """
@@ -20,6 +21,9 @@ from ..protocol.commands import CommandTable
 from ..protocol.resp import encode_command
 
 MAX_RESENDS = 2     # a request lost on this many connections in a row gets the error
+# Requests are kept for a resend only up to this size: reads are small, and holding a big write's bytes
+# until its reply would double the memory it takes (a big request lost on the wire gets the error).
+RESEND_MAX_BYTES = 1 << 20
 
 
 def parse_requests(data: bytes) -> list[list[bytes]]:
