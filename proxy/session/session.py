@@ -22,6 +22,11 @@ Rules of this module:
   are answered here, pinned to a dedicated connection, relayed, or refused (commands.py says which).
 - Keys in the proxy's reserved namespace (cache/keys.py) are refused in every key position, also in
   relay mode.
+- A shared connection that dies before answering: its read-only commands (and any that never left)
+  are sent again on a live connection to the same node after the reconnect, before the client's later
+  commands (upstream_lost; the rule is upstream/resend.py); a write that may have run gets the error.
+- Entering a relay or a pin with nothing pending and a spare connection ready happens at once, in the
+  loop turn the command arrived in (no task), so it reaches Redis before anything sent after it.
 - Flow control: reading stops while unsent replies exceed limits.client_output_soft, while more than
   limits.max_inflight replies are missing, while the upstream connection's write buffer is full, and
   while a step runs; every pause reason has its resume. A client past limits.client_output_hard is
