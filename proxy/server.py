@@ -26,6 +26,7 @@ from .ops.reload import reload as reload_config
 from .protocol import errors
 from .protocol.commands import ROUTED_COMMANDS, TABLE, with_routed
 from .session.guard import Guard
+from .session.monitor import Monitors
 from .session.session import Session
 from .tasks import Background
 from .upstream.auth import UpstreamAuth
@@ -45,6 +46,7 @@ class ProxyServer:
         self.config_path = config_path      # re-read on SIGHUP (reload.py)
         self.reload_lock = asyncio.Lock()
         self.sessions: set[Session] = set()
+        self.monitors = Monitors()      # clients in MONITOR mode: the proxy's own commands go to them too
         self.table = TABLE
         self.pool: UpstreamPool | ClusterPool | None = None
         self.guard: Guard | None = None

@@ -20,6 +20,9 @@ def run(session, frames: list, i: int, name: bytes) -> int:
     if not arity_ok(name, args):
         session.reply(errors.wrong_arity(name))
         return i + 1
+    monitors = session.host.monitors
+    if monitors.sessions:       # MONITOR shows what the proxy answers too (monitor.py)
+        monitors.feed(session, name, args, _address(session, "peername"))
     return _HANDLERS[name](session, frames, i)
 
 
@@ -265,6 +268,9 @@ def tracking_redirect(session, args: list[bytes]) -> tuple[list[bytes], bytes | 
         return args, errors.NOT_INTEGER
     target = next((s for s in session.host.sessions if s.id == wanted), None)
     if target is None:
+        # A relayed client's CLIENT ID is answered by Redis: that id names a relay's own connection.
+        if any(s.relay is not None and s.relay.redis_id == wanted for s in session.host.sessions):
+            return args, None
         return args, errors.TRACKING_REDIRECT_UNKNOWN
     conn = target.relay
     if conn is None or conn.redis_id is None:

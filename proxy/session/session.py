@@ -61,6 +61,7 @@ from ..upstream.base import Connection, Node, Pool
 from ..upstream.resend import MAX_RESENDS, RESEND_MAX_BYTES, resendable
 from ..upstream.single import UpstreamUnavailable
 from . import local, transaction
+from .monitor import Monitoring
 from .replies import ReplyOrder, Slot
 
 log = logging.getLogger("cacheproxy.session")
@@ -109,6 +110,7 @@ class Session(asyncio.Protocol):
         self.partial_since: float | None = None   # when the unfinished request began (limits.request_timeout)
         self.suspicious = False   # the last request's bytes contain a reserved prefix (guard.py)
         self.last_command: list | None = None   # the last command read (CLIENT LIST shows its name)
+        self.monitoring: Monitoring | None = None     # MONITOR sent on the relay (monitor.py)
         self.lost: list[tuple[Slot, Any, int]] = []   # (slot, node, proto) to send again (upstream_lost)
         self.resending = False    # a task is sending `lost` again; reading waits for it
 
@@ -140,6 +142,7 @@ class Session(asyncio.Protocol):
             self.relay.relay_to = None
             self.relay.close()
             self.relay = None
+        self._stop_monitoring()
         if self.pin is not None:
             self._unpin(clean=not self._holds_state())
         if self.turn is not None and not self.turn.done():
@@ -757,8 +760,11 @@ class Session(asyncio.Protocol):
         if name == b"HELLO" and any(a.upper() == b"AUTH" for a in args[2:]):
             return _answer(errors.line("ERR cacheproxy: HELLO AUTH is not supported after SUBSCRIBE, MONITOR "
                                        "or CLIENT TRACKING; send AUTH first"))
+        if name == b"MONITOR" and self.monitoring is None:
+            self.monitoring = Monitoring()      # active once Redis's +OK has been relayed
         if name == b"RESET":
             # Nothing after RESET may run with the old state: the client is logged out now.
+            self._stop_monitoring()
             self.authed = not self.host.auth_required
             self.user = b"default"
         return encode_command(args)
@@ -767,12 +773,41 @@ class Session(asyncio.Protocol):
         if self.transport is not None:
             self.host.stats.bytes.sent += len(data)
             self.transport.write(data)
+            if self.monitoring is not None:
+                self._monitor_relayed(data)
 
     def relay_lost(self) -> None:
         """The relayed upstream connection closed (QUIT, upstream restart): so does the client."""
         self.relay = None
+        self._stop_monitoring()
         if self.transport is not None:
             self.transport.close()
+
+    # -- MONITOR: the proxy's own commands in the stream (monitor.py) -----------------------------------
+    def _monitor_relayed(self, data: bytes) -> None:
+        monitoring = self.monitoring
+        if not monitoring.active:
+            monitoring.active = True        # the first bytes after MONITOR hold its +OK
+            self.host.monitors.sessions.add(self)
+        monitoring.at_line_end = data.endswith(b"\r\n")
+        if monitoring.at_line_end and monitoring.lines:
+            lines, monitoring.lines = monitoring.lines, []
+            self._write(b"".join(lines))
+
+    def monitor_line(self, line: bytes) -> None:
+        """A command the proxy answered, for this monitoring client: now, or after Redis's current line."""
+        monitoring = self.monitoring
+        if monitoring is None or self.transport is None:
+            return
+        if monitoring.at_line_end and not monitoring.lines:
+            self._write(line)
+        else:
+            monitoring.lines.append(line)
+
+    def _stop_monitoring(self) -> None:
+        if self.monitoring is not None:
+            self.monitoring = None
+            self.host.monitors.sessions.discard(self)
 
     # -- FLUSHALL / FLUSHDB: the proxy's own state survives -------------------------------------------
     async def _flush(self, slot: Slot, args: list[bytes]) -> None:

@@ -75,3 +75,19 @@ def test_replication_stream_is_relayed(redis_server, proxy, command):
         while b"streamed" not in data and time.monotonic() < deadline:
             data += replica._recv(deadline)
         assert b"repl:k2" in data and b"streamed" in data
+
+
+def test_monitor_shows_commands_the_proxy_answers_too(proxy):
+    """MONITOR: PING and ECHO (answered by the proxy itself) appear in the stream as Redis writes them,
+    in order with the commands Redis ran (on main they were missing)."""
+    import re
+    with proxy.raw() as monitor, proxy.raw() as client:
+        assert monitor.cmd("MONITOR").value == "OK"
+        client_port = client.sock.getsockname()[1]
+        assert client.cmd("PING").value == "PONG"
+        assert client.cmd("ECHO", 'a"b\n').value == b'a"b\n'
+        assert client.cmd("GET", "mon:k").value is None
+        lines = [monitor.read_frame(timeout=5).value for _ in range(3)]
+    assert re.fullmatch(rf'\d+\.\d{{6}} \[0 127\.0\.0\.1:{client_port}\] "PING"', lines[0]), lines
+    assert re.fullmatch(rf'\d+\.\d{{6}} \[0 127\.0\.0\.1:{client_port}\] "ECHO" "a\\"b\\n"', lines[1]), lines
+    assert lines[2].endswith('"GET" "mon:k"'), lines
