@@ -754,7 +754,11 @@ class Session(asyncio.Protocol):
             if problem is not None:
                 return _answer(problem)
         if self.host.upstream_auth is not None and name in (b"AUTH", b"HELLO"):
-            return encode_command(args)     # the dedicated connection's Redis checks them itself
+            # The dedicated connection's Redis checks them and refuses this connection's commands itself
+            # if they were wrong, so the proxy need not wait for the answer to let the client go on.
+            if name == b"AUTH" or any(a.upper() == b"AUTH" for a in args[2:]):
+                self.authed = True
+            return encode_command(args)
         if name == b"AUTH":
             return _answer(local.auth(self, args[1:]) if 2 <= len(args) <= 3 else errors.wrong_arity(name))
         if name == b"HELLO" and any(a.upper() == b"AUTH" for a in args[2:]):
