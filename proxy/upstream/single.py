@@ -226,6 +226,7 @@ class UpstreamPool:
         self.free_cap = max(4, cfg.pool_size, cfg.spare_connections)
         self.spares = cfg.spare_connections     # dedicated connections to keep ready, per RESP version
         self.warming: dict[int, int] = {2: 0, 3: 0}     # spare connections being opened
+        self._reconnected = asyncio.Event()     # set (and replaced) whenever a shared connection comes up
         self.last_error = "not connected yet"     # for logs: names the address
         self.credentials_error: str | None = None   # the proxy's own credentials refused (logs, /readyz)
         self.reason = "not connected yet"         # for clients: never an address or a secret
@@ -295,7 +296,11 @@ class UpstreamPool:
             delay = 0.05
             self.shared[proto][index] = conn
             self.down_since = None
-            self._replenish(proto)
+            # The upstream takes connections again: spares waiting out a backoff try now.
+            reconnected, self._reconnected = self._reconnected, asyncio.Event()
+            reconnected.set()
+            self._replenish(2)
+            self._replenish(3)
             await conn.closed
             self.shared[proto][index] = None
             if self.down_since is None and self.pick(proto) is None:
@@ -451,7 +456,10 @@ class UpstreamPool:
         """Open spare dedicated connections in the background until `spares` are ready, while the
         shared connections are up. A refused connection is tried again with backoff (that is also how
         the pool notices that its credentials work again)."""
-        missing = self.spares - len(self.free[proto]) - self.warming[proto]
+        free = self.free[proto]
+        if not all(c.up for c in free):
+            free[:] = [c for c in free if c.up]     # one that died as it was being added
+        missing = self.spares - len(free) - self.warming[proto]
         if missing <= 0 or self._closing or self.down_since is not None:
             return
         self.warming[proto] += missing
@@ -459,7 +467,7 @@ class UpstreamPool:
             self.background.spawn(self._warm(proto), None, "upstream: a spare connection")
 
     async def _warm(self, proto: int) -> None:
-        delay = 0.5
+        delay = 0.05
         try:
             while True:
                 if self._closing or self.down_since is not None:
@@ -468,11 +476,20 @@ class UpstreamPool:
                     conn = await self.connect(proto, dedicated=True)
                     break
                 except UpstreamUnavailable:
-                    await asyncio.sleep(delay * (0.5 + random.random()))
-                    delay = min(delay * 2, 5.0)
+                    # A connection killed on its way up is tried again soon; refused credentials
+                    # back off longer, but not past a shared connection coming up.
+                    limit = 5.0 if self.credentials_error is not None else 0.5
+                    wake = self._reconnected.wait()
+                    try:
+                        await asyncio.wait_for(wake, delay * (0.5 + random.random()))
+                    except TimeoutError:
+                        pass
+                    delay = min(delay * 2, limit)
         finally:
             self.warming[proto] -= 1
-        if self._closing or len(self.free[proto]) >= self.free_cap:
+        if not conn.up:
+            self._replenish(proto)      # killed before it could be kept (CLIENT KILL, a restart)
+        elif self._closing or len(self.free[proto]) >= self.free_cap:
             conn.close()
         else:
             self.free[proto].append(conn)
