@@ -147,6 +147,10 @@ class UpstreamConnection(asyncio.Protocol):
                 return
         waiters.append(waiter)
         self.out.append(data)
+        if self.transport is None and self.closed.done():
+            # Lost already (killed during the handshake): nothing would ever answer; fail it now.
+            self._fail_all("upstream unavailable: connection lost")
+            return
         if not self.flush_scheduled:
             self.flush_scheduled = True
             self.loop.call_soon(self._flush)
@@ -324,6 +328,9 @@ class UpstreamPool:
             conn.close()
             self._connect_failed(exc)
             raise UpstreamUnavailable(self.last_error) from None
+        if conn.transport is None:      # lost during the handshake (CLIENT KILL, a restart): never "up"
+            self._connect_failed(ConnectionError("connection lost during the handshake"))
+            raise UpstreamUnavailable(self.last_error)
         conn.up = True
         self.events.connects += 1
         if self.credentials_error is not None:
