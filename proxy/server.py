@@ -27,8 +27,10 @@ from .ops.reload import reload as reload_config
 from .protocol import errors
 from .protocol.commands import ROUTED_COMMANDS, TABLE, with_routed
 from .session.guard import Guard
+from .session.monitor import Monitors
 from .session.session import Session
 from .tasks import Background
+from .upstream.auth import UpstreamAuth
 from .upstream.cluster import ClusterPool
 from .upstream.single import UpstreamPool
 from .writebehind.flusher import Writer, consumer_name
@@ -45,6 +47,7 @@ class ProxyServer:
         self.config_path = config_path      # re-read on SIGHUP (reload.py)
         self.reload_lock = asyncio.Lock()
         self.sessions: set[Session] = set()
+        self.monitors = Monitors()      # clients in MONITOR mode: the proxy's own commands go to them too
         self.table = TABLE
         self.pool: UpstreamPool | ClusterPool | None = None
         self.guard: Guard | None = None
@@ -62,10 +65,20 @@ class ProxyServer:
         self.clock = 0.0
         self.query_buffered = 0     # bytes of unfinished requests held for all clients (limits.max_query_buffer_total)
         listen = cfg.listen
-        self.auth_required = bool(listen.password or listen.users)
+        self.local_auth_required = bool(listen.password or listen.users)
+        self.upstream_auth: UpstreamAuth | None = None     # listen.auth: upstream (created in start())
         self._stopping = asyncio.Event()      # set by a signal (or a test): shut down
         self._tasks: list[asyncio.Task] = []
         self.background = Background()     # sessions' steps, loads, retries: cancelled at shutdown
+
+    @property
+    def auth_required(self) -> bool:
+        """Must a new client authenticate? With listen.auth: upstream, as the upstream's default user
+        says (probed, cached briefly: upstream/auth.py)."""
+        if self.upstream_auth is None:
+            return self.local_auth_required
+        self.upstream_auth.refresh_open()
+        return not self.upstream_auth.open
 
     def check_password(self, creds: list[bytes]) -> bool:
         listen = self.cfg.listen
@@ -85,6 +98,8 @@ class ProxyServer:
         pool_class = ClusterPool if self.cfg.upstream.cluster else UpstreamPool
         self.pool = pool = pool_class(self.cfg.upstream, loop, self.background)
         self.guard = Guard(pool, self.cfg.write_behind.stream_prefix, self.cfg.upstream.db)
+        if self.cfg.listen.auth == "upstream":
+            self.upstream_auth = UpstreamAuth(self.cfg.upstream, loop, pool.ssl_context)
         self._register_gauges(pool)
         pool.start()
         # Listen only once the upstream had its chance: a sidecar may start before Redis, so an
@@ -92,6 +107,8 @@ class ProxyServer:
         if not await pool.wait_ready(self.cfg.upstream.connect_timeout):
             log.warning("upstream not reachable yet (%s); serving anyway, reconnecting in the background",
                         pool.last_error)
+        if self.upstream_auth is not None:
+            await self.upstream_auth.probe()
         self.durability = durability = await self._check_durability(pool)
         if self.cfg.routes:
             await self._start_routes()
@@ -154,6 +171,8 @@ class ProxyServer:
         problems: dict[str, str | None] = {
             "upstream": None if self.pool is not None and self.pool.healthy else
             f"upstream unavailable: {self.pool.last_error if self.pool else 'not started'}",
+            # Open connections may still work while new ones are refused: say so before they all close.
+            "upstream_credentials": self.pool.credentials_error if self.pool is not None else None,
             "durability": self.durability.refusal if self.durability is not None else None}
 
         async def check(name, backend) -> None:

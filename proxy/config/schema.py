@@ -111,9 +111,19 @@ class Listen(_Model):
     password: OptStr = Field(None, description="set the password clients send with AUTH <password>, or leave it out")
     users: dict[str, str] = Field(default_factory=dict,
                                   description="map user names to passwords for AUTH <user> <password>")
+    auth: Literal["local", "upstream"] = Field(
+        "local", description="use local (password/users above) or upstream (clients' AUTH is checked by the "
+                             "upstream Redis; then leave password and users out)")
     max_clients: int = Field(10000, ge=1, description="set the most client connections to accept at once (>= 1)")
     idle_timeout: float = Field(0, ge=0, description="set seconds after which idle clients are closed (0 = never)")
     reuse_port: bool = Field(False, description="set true to let several processes share the port (SO_REUSEPORT)")
+
+    @model_validator(mode="after")
+    def _one_source_of_credentials(self) -> Listen:
+        if self.auth == "upstream" and (self.password or self.users):
+            raise ValueError("auth: upstream checks clients' credentials on the upstream Redis; leave password "
+                             "and users out (or use auth: local)")
+        return self
 
 
 class Limits(_Model):
@@ -236,6 +246,10 @@ class Upstream(_Model):
                              description="list extra cluster seed nodes as \"host:port\" (cluster mode only)")
     pool_size: int = Field(2, ge=1, le=256,
                            description="set a pool size between 1 and 256 (shared connections per RESP version)")
+    spare_connections: int = Field(2, ge=0, le=64,
+                                   description="set how many dedicated connections per RESP version to keep "
+                                               "connected ahead of time for SUBSCRIBE, MONITOR, WATCH, blocking "
+                                               "commands and SELECT (0..64; 0 = open them when needed)")
     connect_timeout: float = Field(2.0, gt=0, description="set seconds to wait for an upstream connection (> 0)")
     command_timeout: float = Field(10.0, gt=0, description="set seconds to wait for an upstream reply (> 0)")
     read_from: Literal["primary", "replica", "prefer_replica"] = Field(

@@ -11,8 +11,9 @@ Two halves:
     PIN       carries connection state: a dedicated upstream connection until the state ends (WATCH,
               blocking commands, SELECT n)
     RELAY     the connection becomes a byte relay on a dedicated upstream connection (pub/sub, MONITOR,
-              CLIENT TRACKING on, CLIENT REPLY off: replies no longer pair with requests)
-    DENY      not supported through a proxy (replication handshakes, SHUTDOWN)
+              SYNC/PSYNC/REPLCONF, CLIENT TRACKING on, CLIENT REPLY off: replies no longer pair with
+              requests)
+    DENY      not supported through a proxy (SHUTDOWN)
     TX        MULTI/EXEC/DISCARD/WATCH/UNWATCH: queued by the session, sent as one block
     FLUSH     FLUSHALL/FLUSHDB/SWAPDB: the whole keyspace; the proxy's own state survives them
               (session/guard.py)
@@ -45,9 +46,11 @@ PIN_COMMANDS = (
 # Commands that block the connection: pinned, and exempt from the upstream command timeout.
 BLOCKING = frozenset(c.encode() for c in PIN_COMMANDS)
 
-RELAY_COMMANDS = ("SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "MONITOR")
+# SYNC/PSYNC stream the dataset then every write (a replica's view: tools that read it); REPLCONF
+# comes before PSYNC in a replica's handshake.
+RELAY_COMMANDS = ("SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "MONITOR", "SYNC", "PSYNC", "REPLCONF")
 
-DENY_COMMANDS = ("SYNC", "PSYNC", "REPLCONF", "SHUTDOWN")   # SHUTDOWN: an app must not stop the shared Redis
+DENY_COMMANDS = ("SHUTDOWN",)   # an app must not stop the shared Redis
 
 TX_COMMANDS = ("MULTI", "EXEC", "DISCARD", "WATCH", "UNWATCH")
 

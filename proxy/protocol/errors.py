@@ -95,6 +95,15 @@ def cluster_per_node(command: bytes) -> bytes:
     return line(f"ERR cacheproxy cluster mode: '{shown}' has a per-node answer; send it to the nodes directly")
 
 
+TRACKING_REDIRECT_UNKNOWN = line("ERR The client ID you want redirect to does not exist")
+TRACKING_REDIRECT_NOT_SUBSCRIBED = line(
+    "ERR cacheproxy: CLIENT TRACKING REDIRECT needs a target client that is subscribed through the proxy "
+    "(SUBSCRIBE __redis__:invalidate, or any SUBSCRIBE in RESP3) before tracking is turned on")
+TRACKING_REDIRECT_CLUSTER = line(
+    "ERR cacheproxy cluster mode: CLIENT TRACKING REDIRECT is not supported (the two clients' connections may "
+    "be on different nodes); use tracking without REDIRECT (RESP3 pushes)")
+
+
 def request_timeout(seconds: float) -> bytes:
     return line(f"ERR request not completed within {seconds:g} s (limits.request_timeout)")
 

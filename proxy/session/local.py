@@ -20,6 +20,9 @@ def run(session, frames: list, i: int, name: bytes) -> int:
     if not arity_ok(name, args):
         session.reply(errors.wrong_arity(name))
         return i + 1
+    monitors = session.host.monitors
+    if monitors.sessions:       # MONITOR shows what the proxy answers too (monitor.py)
+        monitors.feed(session, name, args, _address(session, "peername"))
     return _HANDLERS[name](session, frames, i)
 
 
@@ -42,8 +45,12 @@ def _quit(session, frames, i) -> int:
 
 
 def _ok(session, frames, i) -> int:
-    """ASKING, READONLY, READWRITE: the proxy follows redirects and chooses replicas itself."""
-    session.reply(OK)
+    """ASKING, READONLY, READWRITE: the proxy follows redirects and chooses replicas itself. A single
+    node answers them (an error: cluster support is disabled) without changing the connection."""
+    if session.pool.cluster:
+        session.reply(OK)
+    else:
+        session.send_commands([frames[i]])
     return i + 1
 
 
@@ -56,8 +63,28 @@ def _reset(session, frames, i) -> int:
 # -- authentication --------------------------------------------------------------------------------
 
 def _auth(session, frames, i) -> int:
-    session.reply(auth(session, frames[i][1:]))
-    return i + 1
+    creds = frames[i][1:]
+    checker = session.host.upstream_auth
+    if checker is None:
+        session.reply(auth(session, creds))
+        return i + 1
+    slot = session.new_slot(1)
+
+    async def check_upstream():
+        reply = await checker.check(creds)
+        upstream_auth_result(session, creds, reply)
+        session.fill(slot, reply)
+    return session.step(frames, i, check_upstream, slot)
+
+
+def upstream_auth_result(session, creds: list[bytes], reply: bytes) -> bool:
+    """listen.auth: upstream: the upstream's answer to the client's credentials, applied to the session."""
+    if reply == OK:
+        session.authed = True
+        session.user = creds[0] if len(creds) == 2 else b"default"
+        return True
+    session.host.stats.clients.auth_failures += 1
+    return False
 
 
 def auth(session, creds: list[bytes]) -> bytes:
@@ -106,23 +133,40 @@ def _hello(session, frames, i) -> int:
         else:
             session.reply(errors.line(f"ERR Syntax error in HELLO option '{rest[0].decode(errors='replace')}'"))
             return i + 1
+    checker = session.host.upstream_auth
+    if creds is not None and checker is not None:
+        slot = session.new_slot(1)
+
+        async def check_upstream():
+            reply = await checker.check(creds)
+            if upstream_auth_result(session, creds, reply):
+                reply = _hello_reply(session, proto, name)
+            session.fill(slot, reply or b"")    # b"": the pinned connection answers in the next slot
+        return session.step(frames, i, check_upstream, slot)
     if creds is not None:
         result = auth(session, creds)
         if result != OK:
             session.reply(result)
             return i + 1
         session.authed = True
+    reply = _hello_reply(session, proto, name)
+    if reply is not None:
+        session.reply(reply)
+    return i + 1
+
+
+def _hello_reply(session, proto: int, name: bytes | None) -> bytes | None:
+    """HELLO once the credentials (if any) are accepted: the reply, or None when the client's dedicated
+    connection was sent a HELLO of its own and answers it."""
     if not session.authed:
-        session.reply(errors.line(
+        return errors.line(
             "NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> "
             "AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol "
-            "version at the same time"))
-        return i + 1
+            "version at the same time")
     if name is not None:
         problem = _bad_name(name)
         if problem:
-            session.reply(problem)
-            return i + 1
+            return problem
         session.name = name or None
     info = encode_reply({"server": "redis", "version": session.pool.server_version, "proto": proto,
                          "id": session.id, "mode": "cluster" if session.pool.cluster else "standalone",
@@ -131,10 +175,9 @@ def _hello(session, frames, i) -> int:
         # A dedicated connection follows the client's protocol; the client gets the proxy's answer.
         session.proto = proto
         session.send_pinned([b"HELLO", b"%d" % proto], lambda slot, data: info if data[:1] in b"%*" else data)
-        return i + 1
+        return None
     session.proto = proto
-    session.reply(info)
-    return i + 1
+    return info
 
 
 # -- SELECT ------------------------------------------------------------------------------------------
@@ -194,12 +237,45 @@ def _client_tracking(session, frames, i) -> int:
     args = frames[i]
     mode = args[2].upper() if len(args) >= 3 else b""
     if mode == b"ON":
-        return session._start_relay(frames, i)      # invalidations arrive as pushes on the connection
+        problem = tracking_redirect(session, args)[1]
+        if problem is not None:             # refused before the client becomes a relay
+            session.reply(problem)
+            return i + 1
+        # Invalidations arrive as pushes on the connection; the relay sends REDIRECT with Redis's id.
+        return session._start_relay(frames, i)
     if mode == b"OFF":
         session.reply(OK)
     else:
         session.reply(errors.SYNTAX)
     return i + 1
+
+
+def tracking_redirect(session, args: list[bytes]) -> tuple[list[bytes], bytes | None]:
+    """CLIENT TRACKING ON ... REDIRECT <id>: <id> is a client of the proxy (its CLIENT ID); Redis must
+    get the id of that client's own upstream connection, which exists only while it is a relay
+    (subscribed). Returns (the arguments to send, None) or (args, the error to answer)."""
+    upper = [a.upper() for a in args]
+    if b"REDIRECT" not in upper[3:]:
+        return args, None
+    at = upper.index(b"REDIRECT", 3) + 1
+    if at >= len(args):
+        return args, errors.SYNTAX
+    if session.pool.cluster:
+        return args, errors.TRACKING_REDIRECT_CLUSTER
+    try:
+        wanted = int(args[at])
+    except ValueError:
+        return args, errors.NOT_INTEGER
+    target = next((s for s in session.host.sessions if s.id == wanted), None)
+    if target is None:
+        # A relayed client's CLIENT ID is answered by Redis: that id names a relay's own connection.
+        if any(s.relay is not None and s.relay.redis_id == wanted for s in session.host.sessions):
+            return args, None
+        return args, errors.TRACKING_REDIRECT_UNKNOWN
+    conn = target.relay
+    if conn is None or conn.redis_id is None:
+        return args, errors.TRACKING_REDIRECT_NOT_SUBSCRIBED
+    return [*args[:at], b"%d" % conn.redis_id, *args[at + 1:]], None
 
 
 def _client_setname(session, frames, i) -> int:
@@ -317,8 +393,24 @@ def client_line(s) -> str:
     return (f"id={s.id} addr={_address(s, 'peername')} laddr={_address(s, 'sockname')} fd=-1 name={name} "
             f"age={age} idle={idle} flags={flags} db={s.db} sub=0 psub=0 ssub=0 "
             f"multi={len(s.tx.commands) if s.tx is not None else -1} qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 "
-            f"rbs=0 rbp=0 obl=0 oll={len(s.order.slots)} omem=0 tot-mem=0 events=r cmd=NULL "
+            f"rbs=0 rbp=0 obl=0 oll={len(s.order.slots)} omem=0 tot-mem=0 events=r cmd={_command_name(s)} "
             f"user={s.user.decode(errors='replace')} redir=-1 resp={s.proto}")
+
+
+# Commands whose CLIENT LIST name includes the subcommand (Redis 7: "client|list", "config|get" ...).
+_CONTAINERS = frozenset((b"client", b"config", b"command", b"object", b"memory", b"script", b"function",
+                         b"acl", b"cluster", b"xinfo", b"xgroup", b"pubsub", b"latency", b"slowlog", b"module"))
+
+
+def _command_name(s) -> str:
+    """The last command the client sent, named as Redis's CLIENT LIST names it."""
+    args = s.last_command
+    if not args or not isinstance(args[0], bytes):
+        return "NULL"
+    name = args[0].lower()
+    if name in _CONTAINERS and len(args) > 1:
+        name += b"|" + args[1].lower()
+    return name.decode(errors="replace")
 
 
 def _client_kill(session, frames, i) -> int:

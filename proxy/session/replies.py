@@ -6,7 +6,9 @@
 
 A Slot is also the waiter an upstream connection delivers to (on_reply / partial / count); it hands
 its data back to its owner, the session, which calls fill() and writes what it returns. `inflight`
-counts the replies still missing (flow control reads it). Nothing here touches a socket.
+counts the replies still missing (flow control reads it). A slot sent on a shared connection keeps its
+request bytes (`request`), so when that connection dies before answering, the session can send it
+again where that cannot run anything twice (upstream/resend.py; on_lost). Nothing here touches a socket.
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ from typing import Any
 class Slot:
     """The place of one request (or a batch of `count` pipelined requests) in a session's replies."""
 
-    __slots__ = ("owner", "count", "data", "after")
+    __slots__ = ("owner", "count", "data", "after", "request", "resent")
 
     def __init__(self, owner: Any, count: int, after: Callable[[Slot, bytes], bytes] | None = None):
-        self.owner = owner      # has fill(slot, data) and fill_partial(slot, data, count)
+        self.owner = owner      # has fill(slot, data), fill_partial(slot, data, count), upstream_lost(...)
         self.count = count
         self.data: bytes | None = None   # the reply bytes once they are known (and not yet written)
         self.after = after      # called with (slot, reply) before the reply is queued for writing
+        self.request: bytes | None = None   # the commands' bytes, when they went to a shared connection
+        self.resent = 0         # times they were sent again after their connection died
 
     def on_reply(self, data) -> None:
         self.owner.fill(self, data)
@@ -33,6 +37,10 @@ class Slot:
     def partial(self, data, count: int) -> bool:
         """The first `count` replies of this batch; taken only when they can be written now."""
         return self.after is None and self.owner.fill_partial(self, data, count)
+
+    def on_lost(self, conn: Any, unsent: bool, message: str) -> None:
+        """The connection died before these replies came (`unsent`: before the request left)."""
+        self.owner.upstream_lost(self, conn, unsent, message)
 
 
 class ReplyOrder:

@@ -22,6 +22,11 @@ Rules of this module:
   are answered here, pinned to a dedicated connection, relayed, or refused (commands.py says which).
 - Keys in the proxy's reserved namespace (cache/keys.py) are refused in every key position, also in
   relay mode.
+- A shared connection that dies before answering: its read-only commands (and any that never left)
+  are sent again on a live connection to the same node after the reconnect, before the client's later
+  commands (upstream_lost; the rule is upstream/resend.py); a write that may have run gets the error.
+- Entering a relay or a pin with nothing pending and a spare connection ready happens at once, in the
+  loop turn the command arrived in (no task), so it reaches Redis before anything sent after it.
 - Flow control: reading stops while unsent replies exceed limits.client_output_soft, while more than
   limits.max_inflight replies are missing, while the upstream connection's write buffer is full, and
   while a step runs; every pause reason has its resume. A client past limits.client_output_hard is
@@ -54,8 +59,10 @@ from ..protocol.commands import (
 from ..protocol.request import RequestParser
 from ..protocol.resp import OK, encode_command
 from ..upstream.base import Connection, Node, Pool
+from ..upstream.resend import MAX_RESENDS, RESEND_MAX_BYTES, resendable
 from ..upstream.single import UpstreamUnavailable
 from . import local, transaction
+from .monitor import Monitoring
 from .replies import ReplyOrder, Slot
 
 log = logging.getLogger("cacheproxy.session")
@@ -103,6 +110,10 @@ class Session(asyncio.Protocol):
         self.buffered = 0         # bytes of an unfinished request the parser holds (host.query_buffered)
         self.partial_since: float | None = None   # when the unfinished request began (limits.request_timeout)
         self.suspicious = False   # the last request's bytes contain a reserved prefix (guard.py)
+        self.last_command: list | None = None   # the last command read (CLIENT LIST shows its name)
+        self.monitoring: Monitoring | None = None     # MONITOR sent on the relay (monitor.py)
+        self.lost: list[tuple[Slot, Any, int]] = []   # (slot, node, proto) to send again (upstream_lost)
+        self.resending = False    # a task is sending `lost` again; reading waits for it
 
     # -- connection lifecycle --------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -132,6 +143,7 @@ class Session(asyncio.Protocol):
             self.relay.relay_to = None
             self.relay.close()
             self.relay = None
+        self._stop_monitoring()
         if self.pin is not None:
             self._unpin(clean=not self._holds_state())
         if self.turn is not None and not self.turn.done():
@@ -187,6 +199,7 @@ class Session(asyncio.Protocol):
             raw = None
         if not frames:
             return
+        self.last_command = frames[-1]      # CLIENT LIST's cmd= (one store per read)
         # Deferred requests (data == b"") came in an earlier read: check them all.
         self.suspicious = reserved_in(data, host.guard.prefixes) if data else True
         if self.backlog is not None:            # earlier frames still wait: keep the order
@@ -369,6 +382,8 @@ class Session(asyncio.Protocol):
 
     def _send(self, conn, data: bytes, count: int, after=None) -> Slot:
         slot = self.order.add(self, count, after)
+        if len(data) <= RESEND_MAX_BYTES:
+            slot.request = data     # kept (a reference) in case the connection dies before answering
         conn.send(data, slot)
         if self.order.inflight > self.max_inflight:
             self.pause("inflight")
@@ -404,6 +419,51 @@ class Session(asyncio.Protocol):
             replies = [await self.pool.run(args, proto) for args in commands]
             self.fill(slot, b"".join(replies))
         self.step_inline(slow, slot)
+
+    # -- a shared connection died before answering ----------------------------------------------------
+    def upstream_lost(self, slot: Slot, conn, unsent: bool, message: str) -> None:
+        """`slot`'s connection died. What cannot run twice (upstream/resend.py) is sent again on a live
+        connection to the same node, waiting for the reconnect (upstream.connect_timeout); the client's
+        later commands wait for it, so none overtakes it. The rest gets the error, as before."""
+        if self.transport is not None and slot.resent < MAX_RESENDS:
+            request = resendable(self.pool.table, slot.request, slot.count, unsent)
+            if request is not None:
+                slot.request = request
+                slot.resent += 1
+                self.lost.append((slot, conn.pool, conn.proto))
+                conn.pool.events.retries += 1     # upstream events{event=retries}
+                if not self.resending:
+                    self.resending = True
+                    self.pause("resend")
+                    self.host.background.spawn(self._resend(), self._resend_failed, f"client {self.id}")
+                return
+        self.fill(slot, errors.line("ERR " + message) * slot.count)
+
+    async def _resend(self) -> None:
+        timeout = self.host.cfg.upstream.connect_timeout
+        try:
+            while self.lost:
+                slot, node, proto = self.lost.pop(0)
+                if self.transport is None or slot not in self.order.slots:
+                    continue        # the client left
+                conn = await node.wait_conn(proto, timeout)
+                if conn is None:
+                    self.fill(slot, errors.upstream_unavailable(node.reason) * slot.count)
+                    continue
+                if proto == self.proto:
+                    self.conns[node] = conn     # the client's later commands follow on this connection
+                conn.send(slot.request, slot)
+        finally:
+            self.resending = False
+        self.resume("resend")
+
+    def _resend_failed(self) -> None:
+        self.resending = False
+        lost, self.lost = self.lost, []
+        for slot, _, _ in lost:
+            if slot in self.order.slots and slot.data is None:
+                self.fill(slot, errors.INTERNAL * slot.count)
+        self.resume("resend")
 
     def new_slot(self, count: int) -> Slot:
         """A place in the reply order for a reply someone else will deliver through fill()."""
@@ -619,8 +679,16 @@ class Session(asyncio.Protocol):
 
     # -- relaying -----------------------------------------------------------------------------------
     def _start_relay(self, frames: list, i: int) -> int:
-        """Turn this session into a byte relay on a dedicated connection, from frames[i] on."""
+        """Turn this session into a byte relay on a dedicated connection, from frames[i] on. With no
+        reply pending and a spare connection ready, at once: the command leaves in this loop turn."""
         first = frames[i]
+        key = self.pool.relay_key(first)
+        if not self.order:
+            conn = self.pin if self.pin is not None else self.pool.take_free(self.proto, key)
+            if conn is not None:
+                self.pin = None
+                self._enter_relay(conn, frames[i:])
+                return len(frames)
         self.backlog = frames[i:]
 
         async def enter():
@@ -628,21 +696,23 @@ class Session(asyncio.Protocol):
             conn = self.pin
             self.pin = None
             if conn is None:
-                key = self.pool.relay_key(first)
                 try:
                     conn = await self.pool.get_dedicated(self.proto, key)
                 except UpstreamUnavailable as exc:
                     self.reply(errors.upstream_unavailable(str(exc)))
                     del self.backlog[0]
                     return
-            conn.relay_to = self
-            conn.timeout_exempt += 1
-            self.relay = conn
-            self.host.stats.clients.relays += 1
             backlog, self.backlog = self.backlog, None
-            self._relay_frames(backlog)
+            self._enter_relay(conn, backlog)
         self._start_step(enter, None)
         return len(frames)
+
+    def _enter_relay(self, conn, frames: list) -> None:
+        conn.relay_to = self
+        conn.timeout_exempt += 1
+        self.relay = conn
+        self.host.stats.clients.relays += 1
+        self._relay_frames(frames)
 
     def _relay_in(self, data: bytes) -> None:
         """Client bytes in relay mode: still parsed and checked (denied commands, reserved keys,
@@ -653,6 +723,7 @@ class Session(asyncio.Protocol):
         if self.parser.error is not None:
             frames.append([PROTOCOL_ERROR, self.parser.error])
         if frames:
+            self.last_command = frames[-1]
             self.suspicious = reserved_in(data, self.host.guard.prefixes)
             self._relay_frames(frames)
 
@@ -679,13 +750,26 @@ class Session(asyncio.Protocol):
         if self.suspicious and self.host.guard.refuses(args):
             self.host.stats.clients.reserved_refusals += 1
             return _answer(self.host.guard.refusal)
+        if name == b"CLIENT" and len(args) >= 3 and args[1].upper() == b"TRACKING" and args[2].upper() == b"ON":
+            args, problem = local.tracking_redirect(self, args)
+            if problem is not None:
+                return _answer(problem)
+        if self.host.upstream_auth is not None and name in (b"AUTH", b"HELLO"):
+            # The dedicated connection's Redis checks them and refuses this connection's commands itself
+            # if they were wrong, so the proxy need not wait for the answer to let the client go on.
+            if name == b"AUTH" or any(a.upper() == b"AUTH" for a in args[2:]):
+                self.authed = True
+            return encode_command(args)
         if name == b"AUTH":
             return _answer(local.auth(self, args[1:]) if 2 <= len(args) <= 3 else errors.wrong_arity(name))
         if name == b"HELLO" and any(a.upper() == b"AUTH" for a in args[2:]):
             return _answer(errors.line("ERR cacheproxy: HELLO AUTH is not supported after SUBSCRIBE, MONITOR "
                                        "or CLIENT TRACKING; send AUTH first"))
+        if name == b"MONITOR" and self.monitoring is None:
+            self.monitoring = Monitoring()      # active once Redis's +OK has been relayed
         if name == b"RESET":
             # Nothing after RESET may run with the old state: the client is logged out now.
+            self._stop_monitoring()
             self.authed = not self.host.auth_required
             self.user = b"default"
         return encode_command(args)
@@ -694,12 +778,41 @@ class Session(asyncio.Protocol):
         if self.transport is not None:
             self.host.stats.bytes.sent += len(data)
             self.transport.write(data)
+            if self.monitoring is not None:
+                self._monitor_relayed(data)
 
     def relay_lost(self) -> None:
         """The relayed upstream connection closed (QUIT, upstream restart): so does the client."""
         self.relay = None
+        self._stop_monitoring()
         if self.transport is not None:
             self.transport.close()
+
+    # -- MONITOR: the proxy's own commands in the stream (monitor.py) -----------------------------------
+    def _monitor_relayed(self, data: bytes) -> None:
+        monitoring = self.monitoring
+        if not monitoring.active:
+            monitoring.active = True        # the first bytes after MONITOR hold its +OK
+            self.host.monitors.sessions.add(self)
+        monitoring.at_line_end = data.endswith(b"\r\n")
+        if monitoring.at_line_end and monitoring.lines:
+            lines, monitoring.lines = monitoring.lines, []
+            self._write(b"".join(lines))
+
+    def monitor_line(self, line: bytes) -> None:
+        """A command the proxy answered, for this monitoring client: now, or after Redis's current line."""
+        monitoring = self.monitoring
+        if monitoring is None or self.transport is None:
+            return
+        if monitoring.at_line_end and not monitoring.lines:
+            self._write(line)
+        else:
+            monitoring.lines.append(line)
+
+    def _stop_monitoring(self) -> None:
+        if self.monitoring is not None:
+            self.monitoring = None
+            self.host.monitors.sessions.discard(self)
 
     # -- FLUSHALL / FLUSHDB: the proxy's own state survives -------------------------------------------
     async def _flush(self, slot: Slot, args: list[bytes]) -> None:

@@ -36,7 +36,15 @@ from ..protocol.resp import encode_command, parse_reply, split_replies
 from ..tasks import Background
 from . import placement as cc
 from . import slotmap
-from .single import FutureWaiter, UpstreamConnection, UpstreamPool, UpstreamUnavailable, _ssl_context
+from .single import (
+    CredentialsRefused,
+    FutureWaiter,
+    UpstreamConnection,
+    UpstreamPool,
+    UpstreamUnavailable,
+    _ssl_context,
+    credentials_problem,
+)
 
 log = logging.getLogger("cacheproxy.cluster")
 
@@ -127,13 +135,13 @@ class NodeConnection(UpstreamConnection):
         self.send_direct(encode_command(args), FutureWaiter(future))
         return await future
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, resend: bool = True) -> None:
         # Requests still queued in `out` never reached the node: they may be retried, even writes.
         if self.out:
             for waiter in islice(reversed(self.waiters), len(self.out)):
                 if hasattr(waiter, "unsent"):
                     waiter.unsent = True
-        super()._fail_all(message)
+        super()._fail_all(message, resend)
 
 
 class NodePool(UpstreamPool):
@@ -161,6 +169,9 @@ class NodePool(UpstreamPool):
             hello += ["AUTH", cfg.username or "default", cfg.password]
         reply = parse_reply(await conn.call_direct(*hello))
         if isinstance(reply, Exception):
+            problem = credentials_problem(reply)
+            if problem is not None:
+                raise CredentialsRefused(problem)
             raise UpstreamUnavailable(f"HELLO refused by {self.addr}: {str(reply).splitlines()[0]}")
         info = reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=False))
         if info.get(b"version"):
@@ -242,6 +253,11 @@ class ClusterPool:
     @property
     def healthy(self) -> bool:
         return bool(self.master_list) and all(node.pick(2) is not None for node in self.master_list)
+
+    @property
+    def credentials_error(self) -> str | None:
+        """A node that refuses the proxy's own credentials (logs, /readyz), if any."""
+        return next((n.credentials_error for n in self.nodes.values() if n.credentials_error), None)
 
     @property
     def events(self) -> UpstreamEvents:
@@ -473,7 +489,7 @@ class ClusterPool:
         """What a cluster cannot do through one proxy connection (answered at once)."""
         if name == b"SELECT" and len(args) == 2 and args[1] != b"0":
             return errors.line("ERR SELECT is not allowed in cluster mode")
-        if name in (b"MONITOR", b"WAIT", b"WAITAOF"):
+        if name in (b"MONITOR", b"WAIT", b"WAITAOF", b"SYNC", b"PSYNC", b"REPLCONF"):
             return cc.node_local_error(name.lower())
         if name == b"SSUBSCRIBE" or (self.table is not None and self.table.lookup(args) is not None
                                      and self.table.lookup(args).blocking):

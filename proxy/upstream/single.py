@@ -10,7 +10,11 @@ not Python code, are what a proxy pays for.
 
 The pool keeps `pool_size` shared connections per RESP version (a connection's protocol decides the
 shape of its replies, so RESP2 and RESP3 clients never share one), reconnects them in the background
-with backoff, and hands out dedicated connections for clients that carry connection state.
+with backoff, and hands out dedicated connections for clients that carry connection state. It keeps
+`spare_connections` of those per RESP version connected and authenticated ahead of time (refilled in
+the background as they are taken or die), so a SUBSCRIBE, MONITOR, WATCH or blocking command leaves
+for Redis in the loop turn it arrived in: a PUBLISH another client sends right after it finds the
+subscriber already there, as with a direct connection.
 """
 
 from __future__ import annotations
@@ -33,6 +37,20 @@ log = logging.getLogger("cacheproxy.upstream")
 
 class UpstreamUnavailable(Exception):
     """No usable connection to the upstream Redis; the text says why (never a secret)."""
+
+
+class CredentialsRefused(UpstreamUnavailable):
+    """The upstream refused the proxy's own credentials (upstream.url) on a new connection."""
+
+
+def credentials_problem(reply: Exception) -> str | None:
+    """Why a handshake reply means the proxy's own credentials no longer work, else None."""
+    text = str(reply).split("\n")[0]
+    if text.startswith(("NOAUTH", "WRONGPASS")):
+        return (f"the upstream refused the proxy's own credentials (upstream.url): {text}; connections "
+                "already open keep working, new ones fail: was requirepass or the ACL changed (CONFIG SET "
+                "requirepass, ACL SETUSER)? Give the proxy an ACL user of its own in upstream.url")
+    return None
 
 
 class FutureWaiter:
@@ -74,6 +92,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.blocked_sessions: set = set()
         self.closed: asyncio.Future = self.loop.create_future()
         self.db = 0
+        self.redis_id: int | None = None    # Redis's CLIENT ID of this connection (from HELLO)
 
     # -- asyncio callbacks ---------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -128,12 +147,20 @@ class UpstreamConnection(asyncio.Protocol):
                 return
         waiters.append(waiter)
         self.out.append(data)
+        if self.transport is None and self.closed.done():
+            # Lost already (killed during the handshake): nothing would ever answer; fail it now.
+            self._fail_all("upstream unavailable: connection lost")
+            return
         if not self.flush_scheduled:
             self.flush_scheduled = True
             self.loop.call_soon(self._flush)
 
     def send_raw(self, data: bytes) -> None:
-        """Relay mode: bytes with no waiter (replies go straight to the relayed session)."""
+        """Relay mode: bytes with no waiter (replies go straight to the relayed session), written at once
+        when nothing is queued (a SUBSCRIBE must not wait a loop turn behind a PUBLISH sent after it)."""
+        if not self.out and self.transport is not None:
+            self.transport.write(data)
+            return
         self.out.append(data)
         if not self.flush_scheduled:
             self.flush_scheduled = True
@@ -164,13 +191,19 @@ class UpstreamConnection(asyncio.Protocol):
         """call() on this very connection: the same here (a cluster node's call() routes by key)."""
         return await UpstreamConnection.call(self, *args)
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, resend: bool = True) -> None:
+        """Answer every waiter: the connection is gone. A waiter that can be sent again elsewhere
+        (`on_lost`, a session's slot) is told whether its request had left (`resend`: False after a
+        command timeout, when the client has waited long enough)."""
         reply = errors.line("ERR " + message)
         waiters = self.demux.reset()
+        unsent_from = len(waiters) - len(self.out)     # requests still in `out` never left the proxy
         self.out = []
-        for waiter in waiters:
+        for index, waiter in enumerate(waiters):
             if isinstance(waiter, FutureWaiter):
                 waiter.on_error(message)
+            elif resend and hasattr(waiter, "on_lost"):
+                waiter.on_lost(self, index >= unsent_from, message)
             else:
                 waiter.on_reply(reply * waiter.count)
 
@@ -194,8 +227,12 @@ class UpstreamPool:
         self.shared: dict[int, list[UpstreamConnection | None]] = {2: [], 3: []}
         self.free: dict[int, list[UpstreamConnection]] = {2: [], 3: []}
         self.dedicated: set[UpstreamConnection] = set()
-        self.free_cap = max(4, cfg.pool_size)
+        self.free_cap = max(4, cfg.pool_size, cfg.spare_connections)
+        self.spares = cfg.spare_connections     # dedicated connections to keep ready, per RESP version
+        self.warming: dict[int, int] = {2: 0, 3: 0}     # spare connections being opened
+        self._reconnected = asyncio.Event()     # set (and replaced) whenever a shared connection comes up
         self.last_error = "not connected yet"     # for logs: names the address
+        self.credentials_error: str | None = None   # the proxy's own credentials refused (logs, /readyz)
         self.reason = "not connected yet"         # for clients: never an address or a secret
         self.table: CommandTable | None = None    # the upstream's COMMAND reply, read on first connect
         self.down_since: float | None = self.loop.time()    # no shared connection up since then
@@ -266,6 +303,11 @@ class UpstreamPool:
                 return
             self.shared[proto][index] = conn
             self.down_since = None
+            # The upstream takes connections again: spares waiting out a backoff try now.
+            reconnected, self._reconnected = self._reconnected, asyncio.Event()
+            reconnected.set()
+            self._replenish(2)
+            self._replenish(3)
             await conn.closed
             self.shared[proto][index] = None
             if self.down_since is None and self.pick(proto) is None:
@@ -289,8 +331,14 @@ class UpstreamPool:
             conn.close()
             self._connect_failed(exc)
             raise UpstreamUnavailable(self.last_error) from None
+        if conn.transport is None:      # lost during the handshake (CLIENT KILL, a restart): never "up"
+            self._connect_failed(ConnectionError("connection lost during the handshake"))
+            raise UpstreamUnavailable(self.last_error)
         conn.up = True
         self.events.connects += 1
+        if self.credentials_error is not None:
+            log.warning("upstream %s:%d accepts the proxy's credentials again", self.host, self.port)
+            self.credentials_error = None
         if dedicated:
             self.dedicated.add(conn)
         return conn
@@ -302,6 +350,9 @@ class UpstreamPool:
             reason = "timed out"
         self.reason = f"cannot connect: {reason}"
         message = f"cannot reach {self.host}:{self.port}: {reason}"
+        if isinstance(exc, CredentialsRefused):
+            self.reason = "the upstream refused the proxy's credentials"
+            self.credentials_error = message = f"{self.host}:{self.port}: {reason}"
         if message != self.last_error:
             log.warning("upstream: %s", message)
         self.last_error = message
@@ -313,8 +364,12 @@ class UpstreamPool:
             hello += ["AUTH", cfg.username or "default", cfg.password]
         reply = parse_reply(await conn.call(*hello))
         if isinstance(reply, Exception):
+            problem = credentials_problem(reply)
+            if problem is not None:
+                raise CredentialsRefused(problem)
             raise UpstreamUnavailable(f"HELLO refused: {str(reply).split(chr(10))[0]}")
         info = reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=False))
+        conn.redis_id = info.get(b"id")
         version = info.get(b"version")
         if version:
             self.server_version = version.decode()
@@ -396,12 +451,58 @@ class UpstreamPool:
 
     # -- dedicated connections -----------------------------------------------------------------
     def take_free(self, proto: int, key: bytes | None = None) -> UpstreamConnection | None:
+        """A connected, authenticated dedicated connection at once (a spare), or None."""
         free = self.free[proto]
+        conn = None
         while free:
-            conn = free.pop()
-            if conn.up:
-                return conn
-        return None
+            candidate = free.pop()
+            if candidate.up:
+                conn = candidate
+                break
+        self._replenish(proto)
+        return conn
+
+    def _replenish(self, proto: int) -> None:
+        """Open spare dedicated connections in the background until `spares` are ready, while the
+        shared connections are up. A refused connection is tried again with backoff (that is also how
+        the pool notices that its credentials work again)."""
+        free = self.free[proto]
+        if not all(c.up for c in free):
+            free[:] = [c for c in free if c.up]     # one that died as it was being added
+        missing = self.spares - len(free) - self.warming[proto]
+        if missing <= 0 or self._closing or self.down_since is not None:
+            return
+        self.warming[proto] += missing
+        for _ in range(missing):
+            self.background.spawn(self._warm(proto), None, "upstream: a spare connection")
+
+    async def _warm(self, proto: int) -> None:
+        delay = 0.05
+        try:
+            while True:
+                if self._closing or self.down_since is not None:
+                    return      # the shared connections' reconnect refills the spares
+                try:
+                    conn = await self.connect(proto, dedicated=True)
+                    break
+                except UpstreamUnavailable:
+                    # A connection killed on its way up is tried again soon; refused credentials
+                    # back off longer, but not past a shared connection coming up.
+                    limit = 5.0 if self.credentials_error is not None else 0.5
+                    wake = self._reconnected.wait()
+                    try:
+                        await asyncio.wait_for(wake, delay * (0.5 + random.random()))
+                    except TimeoutError:
+                        pass
+                    delay = min(delay * 2, limit)
+        finally:
+            self.warming[proto] -= 1
+        if not conn.up:
+            self._replenish(proto)      # killed before it could be kept (CLIENT KILL, a restart)
+        elif self._closing or len(self.free[proto]) >= self.free_cap:
+            conn.close()
+        else:
+            self.free[proto].append(conn)
 
     async def get_dedicated(self, proto: int, key: bytes | None = None) -> UpstreamConnection:
         return self.take_free(proto) or await self.connect(proto, dedicated=True)
@@ -417,6 +518,10 @@ class UpstreamPool:
 
     def connection_closed(self, conn: UpstreamConnection) -> None:
         self.dedicated.discard(conn)
+        free = self.free[conn.proto]
+        if conn in free:        # a spare died (Redis restarted, idle timeout, CLIENT KILL): open another
+            free.remove(conn)
+            self._replenish(conn.proto)
 
     # -- the proxy's own commands --------------------------------------------------------------
     async def execute(self, *args, proto: int = 2, key: bytes | None = None):
@@ -444,7 +549,7 @@ class UpstreamPool:
                         and now - conn.progress_at > timeout):
                     self.events.timeouts += 1
                     log.warning("upstream: no reply for %.1fs, closing the connection", timeout)
-                    conn._fail_all(f"upstream unavailable: no reply within {timeout:g}s")
+                    conn._fail_all(f"upstream unavailable: no reply within {timeout:g}s", resend=False)
                     conn.close()
 
 

@@ -454,8 +454,10 @@ def test_config_path_from_environment(redis_server, tmp_path):
 
 
 @proxy_only
-@pytest.mark.parametrize("command", [("SYNC",), ("PSYNC", "?", "-1")], ids=["SYNC", "PSYNC"])
-def test_replication_commands_refused(sproxy, command):
+@pytest.mark.parametrize("command", [("SHUTDOWN",), ("SHUTDOWN", "NOSAVE")], ids=["SHUTDOWN", "NOSAVE"])
+def test_shutdown_refused(sproxy, command):
+    """An application must not stop the Redis every client shares (SYNC/PSYNC are relayed: see
+    test_compat_pubsub.py)."""
     with sproxy.raw() as c:
         reply = c.cmd(*command, timeout=5)
         assert reply.is_error and "not supported by cacheproxy" in reply.value, reply

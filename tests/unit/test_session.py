@@ -13,6 +13,7 @@ from proxy.ops.metrics import ProxyStats
 from proxy.protocol.commands import TABLE
 from proxy.protocol.resp import encode_command
 from proxy.session.guard import Guard
+from proxy.session.monitor import Monitors
 from proxy.session.session import Session
 from proxy.tasks import Background
 
@@ -102,6 +103,8 @@ class Host:
         self.stats = ProxyStats()
         self.clock = 0.0
         self.auth_required = bool(self.cfg.listen.password)
+        self.upstream_auth = None      # listen.auth: local
+        self.monitors = Monitors()
         self.guard = Guard(pool, "cacheproxy:wb", 0)
         self.background = Background()
         self.query_buffered = 0
