@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")"
 scripts/ensure-env.sh
 .venv/bin/ruff check proxy tests bench
+.venv/bin/mypy      # proxy/, settings in pyproject.toml [tool.mypy]
 exec .venv/bin/python -m pytest "${@:-tests}"

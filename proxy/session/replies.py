@@ -79,8 +79,9 @@ class ReplyOrder:
         slots.popleft()
         if slots and slots[0].data is not None:
             out = [data]
-            while slots and slots[0].data is not None:
-                out.append(slots.popleft().data)
+            while slots and (ready := slots[0].data) is not None:
+                slots.popleft()
+                out.append(ready)
             data = b"".join(out)
         return data
 

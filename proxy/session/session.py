@@ -71,7 +71,7 @@ _ids = itertools.count(1)
 
 # A frame the parser could not read: dispatched in order like a command, so the protocol error is
 # answered after the replies of the well-formed commands before it.
-PROTOCOL_ERROR = object()
+PROTOCOL_ERROR: Any = object()
 
 
 class Session(asyncio.Protocol):
@@ -195,7 +195,7 @@ class Session(asyncio.Protocol):
         frames, raw = self.parser.feed(data)
         self._account(data)
         if self.parser.error is not None:
-            frames.append([PROTOCOL_ERROR, self.parser.error])
+            frames.append(_failed(self.parser.error))
             raw = None
         if not frames:
             return
@@ -508,6 +508,7 @@ class Session(asyncio.Protocol):
 
     def _write(self, data: bytes) -> None:
         transport = self.transport
+        assert transport is not None, "written only while connected"
         self.host.stats.bytes.sent += len(data)
         transport.write(data)
         if self.write_paused and self.output_hard and transport.get_write_buffer_size() > self.output_hard:
@@ -627,6 +628,8 @@ class Session(asyncio.Protocol):
 
     def send_pinned(self, args: list[bytes], after=None) -> None:
         """One command on the dedicated connection; the state it starts or ends is tracked here."""
+        pin = self.pin
+        assert pin is not None, "send_pinned needs a dedicated connection"
         name = args[0].upper()
         if after is None:
             after = self._after_pinned
@@ -639,13 +642,13 @@ class Session(asyncio.Protocol):
                 after = _after_select(self, args)
             elif is_blocking(name, args):
                 self.blocking += 1
-                self.pin.timeout_exempt += 1
+                pin.timeout_exempt += 1
                 after = self._after_blocking
         slot = self.order.add(self, 1, after)
-        self.pin.send_direct(encode_command(args), slot)
+        pin.send_direct(encode_command(args), slot)
 
     def _after_pinned(self, slot: Slot, data):
-        if self.pin is not None and not self.pin.waiters and not self._holds_state():
+        if self.pin is not None and not self.pin.busy and not self._holds_state():
             self._unpin(clean=True)
         return data
 
@@ -721,7 +724,7 @@ class Session(asyncio.Protocol):
             return
         frames, _ = self.parser.feed(data)
         if self.parser.error is not None:
-            frames.append([PROTOCOL_ERROR, self.parser.error])
+            frames.append(_failed(self.parser.error))
         if frames:
             self.last_command = frames[-1]
             self.suspicious = reserved_in(data, self.host.guard.prefixes)
@@ -791,6 +794,7 @@ class Session(asyncio.Protocol):
     # -- MONITOR: the proxy's own commands in the stream (monitor.py) -----------------------------------
     def _monitor_relayed(self, data: bytes) -> None:
         monitoring = self.monitoring
+        assert monitoring is not None, "called for a MONITOR relay only"
         if not monitoring.active:
             monitoring.active = True        # the first bytes after MONITOR hold its +OK
             self.host.monitors.sessions.add(self)
@@ -818,6 +822,11 @@ class Session(asyncio.Protocol):
     async def _flush(self, slot: Slot, args: list[bytes]) -> None:
         await self.wait_turn(slot)
         self.fill(slot, await self.host.guard.flush(args, self.proto))
+
+
+def _failed(message: str) -> list[Any]:
+    """The frame that stands for a request the parser refused (dispatched in its place, in order)."""
+    return [PROTOCOL_ERROR, message]
 
 
 def _answer(reply: bytes) -> bytes:

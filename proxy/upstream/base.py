@@ -31,6 +31,10 @@ class Connection(Protocol):
     relay_to: Any
     transport: Any
 
+    @property
+    def busy(self) -> bool:
+        """Replies are still owed on this connection."""
+
     def send(self, data: bytes, waiter: Waiter) -> None: ...
 
     def send_direct(self, data: bytes, waiter: Waiter) -> None:

@@ -25,6 +25,7 @@ import asyncio
 import logging
 import random
 from itertools import islice
+from typing import Any
 
 import hiredis
 from redis.crc import key_slot
@@ -37,13 +38,11 @@ from ..tasks import Background
 from . import placement as cc
 from . import slotmap
 from .single import (
-    CredentialsRefused,
     FutureWaiter,
     UpstreamConnection,
     UpstreamPool,
     UpstreamUnavailable,
     _ssl_context,
-    credentials_problem,
 )
 
 log = logging.getLogger("cacheproxy.cluster")
@@ -121,14 +120,16 @@ class NodeConnection(UpstreamConnection):
     """A connection to one node. send() follows redirects; send_direct() does not (transactions,
     the pool's own retries)."""
 
+    pool: NodePool
+
     def send(self, data: bytes, waiter) -> None:
-        UpstreamConnection.send(self, data, Redirecting(self.pool.cluster, data, waiter, self.proto))
+        UpstreamConnection.send(self, data, Redirecting(self.pool.parent, data, waiter, self.proto))
 
     send_direct = UpstreamConnection.send
 
     async def call(self, *args) -> bytes:
         """Run a command where its keys live (following redirects); returns the raw reply."""
-        return await self.pool.cluster.run(args, self.proto)
+        return await self.pool.parent.run(args, self.proto)
 
     async def call_direct(self, *args) -> bytes:
         future = self.loop.create_future()
@@ -151,7 +152,7 @@ class NodePool(UpstreamPool):
 
     def __init__(self, cluster: ClusterPool, host: str, port: int):
         super().__init__(cluster.cfg, cluster.loop, cluster.background)
-        self.cluster = cluster
+        self.parent = cluster      # the ClusterPool this node belongs to
         self.host, self.port = host, port
         self.addr = f"{host}:{port}"
         self.ssl_context = cluster.ssl_context
@@ -162,21 +163,11 @@ class NodePool(UpstreamPool):
             self.started = True
             super().start()
 
-    async def _handshake(self, conn: NodeConnection, proto: int) -> None:
-        cfg = self.cfg
-        hello = ["HELLO", str(proto)]
-        if cfg.password is not None:
-            hello += ["AUTH", cfg.username or "default", cfg.password]
-        reply = parse_reply(await conn.call_direct(*hello))
-        if isinstance(reply, Exception):
-            problem = credentials_problem(reply)
-            if problem is not None:
-                raise CredentialsRefused(problem)
-            raise UpstreamUnavailable(f"HELLO refused by {self.addr}: {str(reply).splitlines()[0]}")
-        info = reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=False))
-        if info.get(b"version"):
-            self.server_version = self.cluster.server_version = info[b"version"].decode()
-        if self.cluster.read_from != "primary":
+    async def _after_hello(self, conn: UpstreamConnection) -> None:
+        """A cluster node: the cluster's version; READONLY when replicas may serve reads (the command
+        table and the slot map come from the cluster pool)."""
+        self.parent.server_version = self.server_version
+        if self.parent.read_from != "primary":
             # Harmless on a master, needed on a replica; roles change in a failover.
             reply = parse_reply(await conn.call_direct("READONLY"))
             if isinstance(reply, Exception):
@@ -185,12 +176,12 @@ class NodePool(UpstreamPool):
     def connection_closed(self, conn) -> None:
         super().connection_closed(conn)
         if not self._closing:
-            self.cluster.request_refresh()
+            self.parent.request_refresh()
 
     def connected_once(self) -> bool:
         return self.events.connects > 0 or self.events.connect_errors > 0
 
-    async def wait_conn(self, proto: int, timeout: float) -> NodeConnection | None:
+    async def wait_conn(self, proto: int, timeout: float) -> UpstreamConnection | None:
         deadline = self.loop.time() + timeout
         while self.loop.time() < deadline and not self._closing:
             conn = self.pick(proto)
@@ -437,7 +428,7 @@ class ClusterPool:
                 return node
         return masters[0] if masters else None
 
-    def pick(self, proto: int, key: bytes | None = None) -> NodeConnection | None:
+    def pick(self, proto: int, key: bytes | None = None) -> UpstreamConnection | None:
         """A shared connection to the node that owns `key`'s slot (any master without a key)."""
         node = self.any_master() if key is None else self.slots[key_slot(key)]
         return node.pick(proto) if node is not None else None
@@ -491,8 +482,8 @@ class ClusterPool:
             return errors.line("ERR SELECT is not allowed in cluster mode")
         if name in (b"MONITOR", b"WAIT", b"WAITAOF", b"SYNC", b"PSYNC", b"REPLCONF"):
             return cc.node_local_error(name.lower())
-        if name == b"SSUBSCRIBE" or (self.table is not None and self.table.lookup(args) is not None
-                                     and self.table.lookup(args).blocking):
+        spec = self.table.lookup(args) if self.table is not None else None
+        if name == b"SSUBSCRIBE" or (spec is not None and spec.blocking):
             if self.slot_of(args) is cc.CROSSSLOT:
                 return errors.CROSSSLOT
         return None
@@ -597,7 +588,8 @@ class ClusterPool:
                     table = self.table
                     if not self.ready.is_set():
                         return errors.upstream_unavailable(self.reason)
-                kind, value = cc.place(table, args) if table is not None else (cc.ANY, None)
+                placed: tuple[int, Any] = cc.place(table, args) if table is not None else (cc.ANY, None)
+                kind, value = placed
                 if kind == cc.SLOT:
                     target = self.node_for_slot(value, readonly)
                 elif kind == cc.ANY:

@@ -38,7 +38,7 @@ class ReplyDemux:
 
     def feed(self, data: bytes) -> bool:
         """Deliver every complete batch in `data` (and what came before); False on unexpected bytes."""
-        buf = data
+        buf: bytes | bytearray = data
         if self.buf:
             self.buf += data
             buf = self.buf

@@ -19,6 +19,7 @@ Rules of this module (sans-IO: no sockets, no asyncio):
 from __future__ import annotations
 
 import random
+from typing import Any
 
 from redis.crc import key_slot
 
@@ -57,7 +58,7 @@ def node_local_error(name: bytes) -> bytes:
 
 # -- placement -------------------------------------------------------------------------------------
 
-def place(table: CommandTable, args: list[bytes]):
+def place(table: CommandTable, args: list[bytes]) -> tuple[int, Any]:
     """Where a command goes: (SLOT, slot) | (ANY, None) | (SPLIT, (merge, [(slot, args)...])) |
     (FANOUT, (spec, to_replicas_too)) | (SCAN, None) | (ONE, None) | (ERROR, reply bytes)."""
     spec = table.lookup(args)
@@ -161,8 +162,9 @@ def merge_fanout(spec: Spec, replies: list[bytes]) -> bytes:
     if policy == b"all_succeeded":
         return replies[0]
     if policy in (b"agg_sum", b"agg_min", b"agg_max"):
-        combine = {b"agg_sum": sum, b"agg_min": min, b"agg_max": max}[policy]
-        return b":%d\r\n" % combine(map(_integer, replies))
+        numbers = [_integer(reply) for reply in replies]
+        total = sum(numbers) if policy == b"agg_sum" else min(numbers) if policy == b"agg_min" else max(numbers)
+        return b":%d\r\n" % total
     if policy in (b"agg_logical_and", b"agg_logical_or"):
         combine = all if policy == b"agg_logical_and" else any
         if replies[0][:1] == b":":

@@ -187,6 +187,10 @@ class UpstreamConnection(asyncio.Protocol):
     @property
     def waiters(self):
         return self.demux.waiters
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.demux.waiters)
     async def call_direct(self, *args) -> bytes:
         """call() on this very connection: the same here (a cluster node's call() routes by key)."""
         return await UpstreamConnection.call(self, *args)
@@ -362,17 +366,22 @@ class UpstreamPool:
         hello = ["HELLO", str(proto)]
         if cfg.password is not None:
             hello += ["AUTH", cfg.username or "default", cfg.password]
-        reply = parse_reply(await conn.call(*hello))
+        reply = parse_reply(await conn.call_direct(*hello))
         if isinstance(reply, Exception):
             problem = credentials_problem(reply)
             if problem is not None:
                 raise CredentialsRefused(problem)
-            raise UpstreamUnavailable(f"HELLO refused: {str(reply).split(chr(10))[0]}")
+            raise UpstreamUnavailable(f"HELLO refused: {str(reply).splitlines()[0]}")
         info = reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=False))
         conn.redis_id = info.get(b"id")
         version = info.get(b"version")
         if version:
             self.server_version = version.decode()
+        await self._after_hello(conn)
+
+    async def _after_hello(self, conn: UpstreamConnection) -> None:
+        """Single node: learn the command table once, select the configured database."""
+        cfg = self.cfg
         if self.table is None:
             self.table = await _command_table(conn)
         if cfg.db:
