@@ -123,6 +123,49 @@ def queue_full(depth: int, partition: int, max_pending: int) -> bytes:
                 f"(write_behind.max_pending {max_pending}); retry later")
 
 
+# -- the client's mistakes the proxy answers itself (Redis's wording) ------------------------------
+
+AUTH_WITHOUT_PASSWORD = line("ERR AUTH <password> called without any password configured for the default user. "
+                             "Are you sure your configuration is correct?")
+HELLO_PROTO_NOT_INTEGER = line("ERR Protocol version is not an integer or out of range")
+NOPROTO = line("NOPROTO unsupported protocol version")
+HELLO_NOAUTH = line("NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO "
+                    "<proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP "
+                    "protocol version at the same time")
+BAD_CLIENT_NAME = line("ERR Client names cannot contain spaces, newlines or special characters.")
+INVALID_CLIENT_ID = line("ERR Invalid client ID")
+NO_SUCH_CLIENT = line("ERR No such client")
+CLIENT_ID_NOT_POSITIVE = line("ERR client-id should be greater than 0")
+MULTI_NESTED = line("ERR MULTI calls can not be nested")
+WATCH_IN_MULTI = line("ERR WATCH inside MULTI is not allowed")
+NOT_IN_TRANSACTION = line("ERR Command not allowed inside a transaction")
+SELECT_IN_CLUSTER = line("ERR SELECT is not allowed in cluster mode")
+INVALID_CURSOR = line("ERR invalid cursor")
+HELLO_AUTH_IN_RELAY = line("ERR cacheproxy: HELLO AUTH is not supported after SUBSCRIBE, MONITOR or CLIENT "
+                           "TRACKING; send AUTH first")
+
+
+def hello_syntax(option: bytes) -> bytes:
+    return line(f"ERR Syntax error in HELLO option '{option.decode(errors='replace')}'")
+
+
+def unrecognized_option(option: bytes) -> bytes:
+    return line(f"ERR Unrecognized option '{option.decode(errors='replace')}'")
+
+
+def unknown_client_type(kind: bytes) -> bytes:
+    return line(f"ERR Unknown client type '{kind.decode(errors='replace')}'")
+
+
+def without_multi(command: bytes) -> bytes:
+    return line(f"ERR {command.decode(errors='replace').upper()} without MULTI")
+
+
+def failed(message: str) -> bytes:
+    """The proxy's own failure carried to a client as an ERR line (e.g. a connection lost)."""
+    return line(f"ERR {message}")
+
+
 # -- trouble on the proxy's side -------------------------------------------------------------------
 
 UPSTREAM_LOST_PREFIX = b"-ERR upstream unavailable"

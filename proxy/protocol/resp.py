@@ -103,21 +103,11 @@ class Status(str):
     """A simple string reply (+OK)."""
 
 
-class Error(str):
-    """An error reply; the text includes its code, e.g. 'ERR unknown command'."""
-
-
 OK = b"+OK\r\n"
-
-
-def error(message: str) -> bytes:
-    return b"-" + message.replace("\r", " ").replace("\n", " ").encode() + b"\r\n"
 
 
 def encode_reply(value, proto: int = 2) -> bytes:
     """Encode a Python value as a reply in RESP2 or RESP3 (only what local commands need)."""
-    if isinstance(value, Error):
-        return error(value)
     if isinstance(value, Status):
         return b"+" + value.encode() + b"\r\n"
     if value is None:

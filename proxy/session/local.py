@@ -91,8 +91,7 @@ def auth(session, creds: list[bytes]) -> bytes:
     host = session.host
     if not host.auth_required:
         if len(creds) == 1:
-            return errors.line("ERR AUTH <password> called without any password configured for the default "
-                               "user. Are you sure your configuration is correct?")
+            return errors.AUTH_WITHOUT_PASSWORD
         # Like Redis's default user without a password: any password is accepted for "default".
         if creds[0] == b"default":
             return OK
@@ -114,10 +113,10 @@ def _hello(session, frames, i) -> int:
         try:
             proto = int(rest[0])
         except ValueError:
-            session.reply(errors.line("ERR Protocol version is not an integer or out of range"))
+            session.reply(errors.HELLO_PROTO_NOT_INTEGER)
             return i + 1
         if proto not in (2, 3):
-            session.reply(errors.line("NOPROTO unsupported protocol version"))
+            session.reply(errors.NOPROTO)
             return i + 1
         rest = rest[1:]
     creds = None
@@ -131,7 +130,7 @@ def _hello(session, frames, i) -> int:
             name = rest[1]
             rest = rest[2:]
         else:
-            session.reply(errors.line(f"ERR Syntax error in HELLO option '{rest[0].decode(errors='replace')}'"))
+            session.reply(errors.hello_syntax(rest[0]))
             return i + 1
     checker = session.host.upstream_auth
     if creds is not None and checker is not None:
@@ -159,10 +158,7 @@ def _hello_reply(session, proto: int, name: bytes | None) -> bytes | None:
     """HELLO once the credentials (if any) are accepted: the reply, or None when the client's dedicated
     connection was sent a HELLO of its own and answers it."""
     if not session.authed:
-        return errors.line(
-            "NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> "
-            "AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol "
-            "version at the same time")
+        return errors.HELLO_NOAUTH
     if name is not None:
         problem = _bad_name(name)
         if problem:
@@ -294,7 +290,7 @@ def _client_setname(session, frames, i) -> int:
 
 def _bad_name(name: bytes) -> bytes | None:
     if any(c < 33 or c > 126 for c in name):
-        return errors.line("ERR Client names cannot contain spaces, newlines or special characters.")
+        return errors.BAD_CLIENT_NAME
     return None
 
 
@@ -313,7 +309,7 @@ def _client_setinfo(session, frames, i) -> int:
     if len(args) != 4:
         session.reply(errors.wrong_arity(b"client|setinfo"))
     elif args[2].upper() not in (b"LIB-NAME", b"LIB-VER"):
-        session.reply(errors.line(f"ERR Unrecognized option '{args[2].decode(errors='replace')}'"))
+        session.reply(errors.unrecognized_option(args[2]))
     else:
         session.reply(OK)      # library names are per proxy client; the upstream sees the proxy
     return i + 1
@@ -343,13 +339,13 @@ def _client_list(session, frames, i) -> int:
         try:
             wanted = {int(a) for a in rest[1:]}
         except ValueError:
-            session.reply(errors.line("ERR Invalid client ID"))
+            session.reply(errors.INVALID_CLIENT_ID)
             return i + 1
         sessions = [s for s in sessions if s.id in wanted]
     elif rest and rest[0].upper() == b"TYPE" and len(rest) == 2:
         kind = rest[1].lower()
         if kind not in (b"normal", b"pubsub", b"master", b"replica", b"slave"):
-            session.reply(errors.line(f"ERR Unknown client type '{rest[1].decode(errors='replace')}'"))
+            session.reply(errors.unknown_client_type(rest[1]))
             return i + 1
         sessions = [s for s in sessions if _client_type(s) == kind]
     elif rest:
@@ -422,7 +418,7 @@ def _client_kill(session, frames, i) -> int:
         wanted = args[2].decode(errors="replace")
         victims = [s for s in sessions if _address(s, "peername") == wanted]
         if not victims:
-            session.reply(errors.line("ERR No such client"))
+            session.reply(errors.NO_SUCH_CLIENT)
             return i + 1
         _kill(victims)
         session.reply(OK)
@@ -437,7 +433,7 @@ def _client_kill(session, frames, i) -> int:
         text = value.decode(errors="replace")
         if key == b"ID":
             if not text.isdigit():
-                session.reply(errors.line("ERR client-id should be greater than 0"))
+                session.reply(errors.CLIENT_ID_NOT_POSITIVE)
                 return i + 1
             victims = [s for s in victims if s.id == int(text)]
         elif key == b"ADDR":

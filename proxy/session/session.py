@@ -437,7 +437,7 @@ class Session(asyncio.Protocol):
                     self.pause("resend")
                     self.host.background.spawn(self._resend(), self._resend_failed, f"client {self.id}")
                 return
-        self.fill(slot, errors.line("ERR " + message) * slot.count)
+        self.fill(slot, errors.failed(message) * slot.count)
 
     async def _resend(self) -> None:
         timeout = self.host.cfg.upstream.connect_timeout
@@ -766,8 +766,7 @@ class Session(asyncio.Protocol):
         if name == b"AUTH":
             return _answer(local.auth(self, args[1:]) if 2 <= len(args) <= 3 else errors.wrong_arity(name))
         if name == b"HELLO" and any(a.upper() == b"AUTH" for a in args[2:]):
-            return _answer(errors.line("ERR cacheproxy: HELLO AUTH is not supported after SUBSCRIBE, MONITOR "
-                                       "or CLIENT TRACKING; send AUTH first"))
+            return _answer(errors.HELLO_AUTH_IN_RELAY)
         if name == b"MONITOR" and self.monitoring is None:
             self.monitoring = Monitoring()      # active once Redis's +OK has been relayed
         if name == b"RESET":

@@ -46,7 +46,7 @@ def start(session, frames: list, i: int, name: bytes) -> int:
         session.reply(OK)
         return i + 1
     if name in (b"EXEC", b"DISCARD"):
-        session.reply(errors.line(f"ERR {name.decode()} without MULTI"))
+        session.reply(errors.without_multi(name))
         return i + 1
     if name == b"UNWATCH":
         if session.pin is not None and session.pin.up:
@@ -81,10 +81,10 @@ def queue(session, frames: list, i: int, name: bytes, kind: int) -> int:
         session.end_watch(clean=False)
         return i + 1
     if name == b"MULTI":
-        session.reply(errors.line("ERR MULTI calls can not be nested"))
+        session.reply(errors.MULTI_NESTED)
         return i + 1
     if name == b"WATCH":
-        session.reply(errors.line("ERR WATCH inside MULTI is not allowed"))
+        session.reply(errors.WATCH_IN_MULTI)
         return i + 1
     if name in (b"QUIT", b"RESET"):         # run at once inside MULTI, as Redis does
         return local.run(session, frames, i, name)
@@ -92,7 +92,7 @@ def queue(session, frames: list, i: int, name: bytes, kind: int) -> int:
         # Connection state must never change inside a block on a shared connection, and FLUSHALL must
         # run as the proxy's script (see guard.py).
         tx.failed = True
-        session.reply(errors.line("ERR Command not allowed inside a transaction"))
+        session.reply(errors.NOT_IN_TRANSACTION)
         return i + 1
     table = session.pool.table
     spec = table.lookup(args) if table is not None else None

@@ -16,7 +16,7 @@ died), or a read-only command. A write that may have reached a node that then di
 
 The map comes from CLUSTER SHARDS (CLUSTER SLOTS before Redis 7), asked of any known node (the
 seeds when none answers), every REFRESH_INTERVAL seconds, after a MOVED and after a connection loss,
-at most once per REFRESH_GAP. Key positions come from the upstream's COMMAND (cluster_commands.py).
+at most once per REFRESH_GAP. Key positions come from the upstream's COMMAND (protocol/commands.py, placement.py).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class Redirecting:
         return False
 
     def on_error(self, message: str) -> None:
-        self.on_reply(errors.line("ERR " + message) * self.count)
+        self.on_reply(errors.failed(message) * self.count)
 
 
 class _Waiter(FutureWaiter):
@@ -479,7 +479,7 @@ class ClusterPool:
     def refusal(self, name: bytes, args: list[bytes]) -> bytes | None:
         """What a cluster cannot do through one proxy connection (answered at once)."""
         if name == b"SELECT" and len(args) == 2 and args[1] != b"0":
-            return errors.line("ERR SELECT is not allowed in cluster mode")
+            return errors.SELECT_IN_CLUSTER
         if name in (b"MONITOR", b"WAIT", b"WAITAOF", b"SYNC", b"PSYNC", b"REPLCONF"):
             return cc.node_local_error(name.lower())
         spec = self.table.lookup(args) if self.table is not None else None
@@ -623,7 +623,7 @@ class ClusterPool:
         try:
             raw = await future
         except UpstreamUnavailable as exc:
-            return [errors.line(f"ERR {exc}")] * count, waiter.unsent
+            return [errors.failed(str(exc))] * count, waiter.unsent
         replies = split_replies(raw, count + asking)
         return (replies[1:] if asking else replies), False
 
@@ -701,7 +701,7 @@ class ClusterPool:
             if cursor < 0:
                 raise ValueError
         except ValueError:
-            return errors.line("ERR invalid cursor")
+            return errors.INVALID_CURSOR
         masters = self.master_list
         index, node_cursor = cursor & ((1 << SCAN_BITS) - 1), cursor >> SCAN_BITS
         if index >= len(masters):

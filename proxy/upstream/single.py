@@ -199,7 +199,7 @@ class UpstreamConnection(asyncio.Protocol):
         """Answer every waiter: the connection is gone. A waiter that can be sent again elsewhere
         (`on_lost`, a session's slot) is told whether its request had left (`resend`: False after a
         command timeout, when the client has waited long enough)."""
-        reply = errors.line("ERR " + message)
+        reply = errors.failed(message)
         waiters = self.demux.reset()
         unsent_from = len(waiters) - len(self.out)     # requests still in `out` never left the proxy
         self.out = []

@@ -12,7 +12,6 @@ from proxy.protocol.request import (
     string2ll,
     unauthenticated_error,
 )
-from proxy.protocol.resp import Error as ErrorReply
 from proxy.protocol.resp import encode_command, encode_reply, parse_reply, scan_replies
 
 
@@ -176,7 +175,6 @@ def test_encode_reply_round_trips_through_hiredis():
     value = {"a": [1, b"x", None], "b": "y"}
     assert parse_reply(encode_reply(value, 2)) == [b"a", [1, b"x", None], b"b", b"y"]
     assert parse_reply(encode_reply(value, 3)) == {b"a": [1, b"x", None], b"b": b"y"}
-    assert encode_reply(ErrorReply("ERR bad")) == b"-ERR bad\r\n"
 
 
 def test_huge_declared_array_is_refused_without_allocating():

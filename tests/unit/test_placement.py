@@ -1,4 +1,4 @@
-"""cluster_commands: key positions from COMMAND entries, placement, and merging raw replies (no servers).
+"""placement (upstream/placement.py) and the command table: key positions from COMMAND entries, placement, and merging raw replies (no servers).
 
 The entries below are what Redis 7.0's COMMAND returns (RESP2) for these commands, trimmed.
 """
