@@ -80,6 +80,16 @@ def scan_replies(buf, pos: int, left: int) -> tuple[int, int]:
     return pos, left
 
 
+def parse_requests(data: bytes) -> list[list[bytes]]:
+    """The commands of a request the proxy built or checked: always canonical multibulk (request.py)."""
+    reader = hiredis.Reader()
+    reader.feed(data)
+    out = []
+    while (frame := reader.gets()) is not False:
+        out.append(frame)
+    return out
+
+
 def split_replies(data, count: int) -> list[bytes]:
     """The raw bytes of each of the first `count` replies in `data` (which holds at least that many)."""
     out, pos = [], 0

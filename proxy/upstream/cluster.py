@@ -27,13 +27,12 @@ import random
 from itertools import islice
 from typing import Any
 
-import hiredis
 from redis.crc import key_slot
 
 from ..ops.metrics import UpstreamEvents
 from ..protocol import errors
 from ..protocol.commands import keys_of
-from ..protocol.resp import encode_command, parse_reply, split_replies
+from ..protocol.resp import encode_command, parse_reply, parse_requests, split_replies
 from ..tasks import Background
 from . import placement as cc
 from . import slotmap
@@ -58,15 +57,6 @@ SCAN_BITS = 10          # SCAN cursors carry the master's index in their low bit
 
 def needs_retry(reply: bytes) -> bool:
     return reply.startswith(_RETRY)
-
-
-def parse_requests(data: bytes) -> list[list[bytes]]:
-    reader = hiredis.Reader()
-    reader.feed(data)
-    out = []
-    while (frame := reader.gets()) is not False:
-        out.append(frame)
-    return out
 
 
 def _as_bytes(args) -> list[bytes]:

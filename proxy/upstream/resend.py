@@ -18,22 +18,12 @@ from __future__ import annotations
 import hiredis
 
 from ..protocol.commands import CommandTable
-from ..protocol.resp import encode_command
+from ..protocol.resp import encode_command, parse_requests
 
 MAX_RESENDS = 2     # a request lost on this many connections in a row gets the error
 # Requests are kept for a resend only up to this size: reads are small, and holding a big write's bytes
 # until its reply would double the memory it takes (a big request lost on the wire gets the error).
 RESEND_MAX_BYTES = 1 << 20
-
-
-def parse_requests(data: bytes) -> list[list[bytes]]:
-    """The commands of a request. What goes to Redis is always canonical multibulk (request.py)."""
-    reader = hiredis.Reader()
-    reader.feed(data)
-    out = []
-    while (frame := reader.gets()) is not False:
-        out.append(frame)
-    return out
 
 
 def resendable(table: CommandTable | None, request: bytes | None, count: int, unsent: bool) -> bytes | None:

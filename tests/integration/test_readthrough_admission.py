@@ -11,16 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import uuid
 
 import asyncpg
 import pytest
 import redis
 
 from tests.fixtures.helpers import metric_sum
+from tests.fixtures.postgres import DSN, create_schema
 from tests.fixtures.redis_server import free_port
-
-DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
 SCHEMA_SQL = """
 CREATE TABLE {s}.users (id bigint PRIMARY KEY, name text);
@@ -70,17 +68,7 @@ class Loads:
 
 @pytest.fixture
 def loads():
-    schema = "adm_" + uuid.uuid4().hex[:10]
-    helper = Loads(schema)
-
-    async def setup():
-        conn = await asyncpg.connect(DSN)
-        try:
-            await conn.execute(f"CREATE SCHEMA {schema}")
-            await conn.execute(SCHEMA_SQL.format(s=schema))
-        finally:
-            await conn.close()
-    asyncio.run(setup())
+    helper = Loads(create_schema(DSN, "adm", SCHEMA_SQL))
     yield helper
     asyncio.run(helper._fetch("DROP SCHEMA {s} CASCADE"))
 
