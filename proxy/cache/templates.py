@@ -209,6 +209,9 @@ class Keyed(Protocol):
 
 R = TypeVar("R", bound=Keyed)
 
+MEMO_SIZE = 65536       # keys whose route decision Router.match remembers
+_UNSEEN = object()
+
 
 class Router(Generic[R]):
     """First-match-wins lookup of a key among routes (anything with a ``.key`` template string)."""
@@ -229,10 +232,22 @@ class Router(Generic[R]):
             group += 1 + len(template.params)
         # With no routes, a pattern that matches nothing (an empty alternation would match b"").
         self._regex = re.compile(b"|".join(pieces) if pieces else rb"(?!)")
+        self._memo: dict[bytes, Any] = {}
 
     def match(self, key: bytes) -> tuple[R, dict[str, Any]] | None:
+        """The route that owns `key` and its typed parameters (shared: do not change them), or None."""
         if not key.startswith(self.prefixes):
             return None
+        found = self._memo.get(key, _UNSEEN)
+        if found is _UNSEEN:
+            # Hot keys repeat: a routed GET asks up to three times per request, and its key again next
+            # time. Bounded: past MEMO_SIZE keys the memo starts over (a key churner costs a clear).
+            if len(self._memo) >= MEMO_SIZE:
+                self._memo.clear()
+            found = self._memo[key] = self._match(key)
+        return found
+
+    def _match(self, key: bytes) -> tuple[R, dict[str, Any]] | None:
         m = self._regex.fullmatch(key)
         if m is None or m.lastindex is None:
             return None
