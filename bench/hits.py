@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import asyncpg  # noqa: E402
 from common import (  # noqa: E402
     CpuWatch,
     Procs,
@@ -39,8 +40,6 @@ from common import (  # noqa: E402
     wait_for_port,
     write_result,
 )
-
-import asyncpg  # noqa: E402
 
 DSN = "postgresql://postgres@127.0.0.1:5432/test"
 KEYS = 2000
