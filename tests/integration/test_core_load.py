@@ -139,7 +139,7 @@ async def _client_workload(endpoint, n: int, ops: int, errors: list):
 
 @pytest.mark.timeout(150)
 async def test_200_concurrent_clients(sproxy):
-    clients, ops = 200, 200
+    clients, ops = 200, 100
     errors: list = []
     t0 = time.monotonic()
     counters = await asyncio.wait_for(
